@@ -1,0 +1,15 @@
+"""DCAL models: the dual cross-attention ViT and the backbone it drives."""
+
+from .backbone import UnsupportedBackboneError, create_backbone, load_pretrained_weights
+from .dual_vit import PREDICT_MODES, DualViT, DualViTOutput, combine_probabilities, random_derangement
+
+__all__ = [
+    "PREDICT_MODES",
+    "DualViT",
+    "DualViTOutput",
+    "UnsupportedBackboneError",
+    "combine_probabilities",
+    "create_backbone",
+    "load_pretrained_weights",
+    "random_derangement",
+]
