@@ -1,0 +1,271 @@
+"""Typed, strict experiment configuration: dataclasses, YAML files, dotted CLI overrides.
+
+Unknown keys and wrong types are errors that list the valid keys, because a misspelt key that
+is silently ignored trains the wrong experiment for days.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit the schema; the message says how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # cub | cars | aircraft | folder | synthetic
+    root: str = "data/demo"
+    resize_size: int = 550
+    img_size: int = 448
+    num_workers: int = 2
+    val_fraction: float = 0.0  # carve a stratified validation split out of train (0: none)
+    val_seed: int = 0  # seed of that split, apart from train.seed so the split stays put across runs
+    skip_corrupt: bool = False
+    eval_batch_size: int | None = None  # default: 2 x train.batch_size
+    level: str = "variant"  # aircraft: variant | family | manufacturer
+    crop_banner: bool = True  # aircraft: drop the 20 px copyright banner
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_base_patch16_224.augreg_in21k"
+    backbone_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = True
+    pretrained_path: str | None = None
+    top_ratio: float = 0.1
+    glca: bool = True
+    pwca: bool = True
+    drop_path_rate: float = 0.1
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 2
+    gradient_accumulation_steps: int = 8
+    base_lr: float = 5e-4
+    lr_scaling: str = "sqrt"  # sqrt: base_lr*sqrt(B/16) | linear: base_lr*B/512 (paper) | none
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    clip_grad: float | None = 1.0  # max global grad norm; null disables clipping
+    label_smoothing: float = 0.0
+    precision: str = "auto"  # auto (bf16 on CUDA that supports it, else fp32) | bf16 | fp16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    empty_cache_every: int = 50  # optimizer steps between torch.cuda.empty_cache() calls; 0: never
+    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+
+
+@dataclass
+class LossConfig:
+    weighting: str = "uncertainty"  # uncertainty (learned, Kendall et al.) | fixed
+    init_std: float = 0.1  # std of the random init of the uncertainty weights w_k (0: zeros)
+    clamp: float | None = 1.0  # keep each w_k in [-clamp, clamp]; null: unbounded
+    weights: dict = field(default_factory=lambda: {"sa": 1.0, "glca": 1.0, "pwca": 1.0})  # for fixed
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    output_dir: str = "runs"
+    tensorboard: bool = False
+    log_every: int = 10  # optimizer steps between progress-bar updates
+    stop_after_epochs: int | None = None  # stop cleanly after this many epochs in this invocation
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("data", "dataset"): ("cub", "cars", "aircraft", "folder", "synthetic"),
+    ("data", "level"): ("variant", "family", "manufacturer"),
+    ("train", "lr_scaling"): ("sqrt", "linear", "none"),
+    ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
+    ("loss", "weighting"): ("uncertainty", "fixed"),
+}
+POSITIVE = {
+    ("data", "resize_size"),
+    ("data", "img_size"),
+    ("train", "epochs"),
+    ("train", "batch_size"),
+    ("train", "gradient_accumulation_steps"),
+    ("train", "max_bad_steps"),
+    ("run", "log_every"),
+}
+NON_NEGATIVE = {
+    ("data", "num_workers"),
+    ("train", "base_lr"),
+    ("train", "warmup_epochs"),
+    ("train", "min_lr"),
+    ("train", "weight_decay"),
+    ("train", "empty_cache_every"),
+    ("loss", "init_std"),
+}
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in fields(section_cls)}
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise; only lossless conversions (int -> float, and
+    numeric strings such as YAML's ``5e-4`` -> float) are made."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int and is_number and isinstance(value, int):
+        return value
+    if tp is float and is_number:
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (bool, str, dict, list) and isinstance(value, tp):
+        return tp(value) if tp in (dict, list) else value
+    raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_section(cfg: Config, name: str) -> None:
+    section = getattr(cfg, name)
+    for key in (f.name for f in fields(section)):
+        value = getattr(section, key)
+        where = f"{name}.{key}"
+        if (name, key) in CHOICES and value not in CHOICES[(name, key)]:
+            raise ConfigError(f"{where} must be one of {list(CHOICES[(name, key)])}, got {value!r}")
+        if (name, key) in POSITIVE and value <= 0:
+            raise ConfigError(f"{where} must be > 0, got {value!r}")
+        if (name, key) in NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{where} must be >= 0, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values and the relations between them; return ``cfg`` for chaining."""
+    for name in (f.name for f in fields(cfg)):
+        _check_section(cfg, name)
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 < cfg.model.top_ratio <= 1.0:
+        raise ConfigError(f"model.top_ratio must be in (0, 1], got {cfg.model.top_ratio}")
+    if cfg.data.resize_size < cfg.data.img_size:
+        raise ConfigError(
+            f"data.resize_size ({cfg.data.resize_size}) must be >= data.img_size ({cfg.data.img_size}): "
+            "images are resized, then cropped to img_size"
+        )
+    if cfg.model.pwca and cfg.train.batch_size < 2:
+        raise ConfigError(
+            "model.pwca pairs each image with another of the same batch, so train.batch_size must be >= 2 "
+            f"(got {cfg.train.batch_size}); raise it or set model.pwca: false"
+        )
+    if cfg.train.min_lr > cfg.train.base_lr:
+        raise ConfigError(f"train.min_lr ({cfg.train.min_lr}) is above train.base_lr ({cfg.train.base_lr})")
+    if cfg.loss.clamp is not None and cfg.loss.clamp <= 0:
+        raise ConfigError(f"loss.clamp must be > 0 or null, got {cfg.loss.clamp}")
+    unknown = set(cfg.loss.weights) - {"sa", "glca", "pwca"}
+    if unknown:
+        raise ConfigError(f"loss.weights has unknown branches {sorted(unknown)}; valid: sa, glca, pwca")
+    if cfg.run.stop_after_epochs is not None and cfg.run.stop_after_epochs <= 0:
+        raise ConfigError(f"run.stop_after_epochs must be > 0 or null, got {cfg.run.stop_after_epochs}")
+    return cfg
+
+
+def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    sections = [f.name for f in fields(cfg)]
+    if parts[0] not in sections:
+        raise ConfigError(f"{source}: unknown section '{parts[0]}' in '{dotted}'; valid sections: {sections}")
+    section = getattr(cfg, parts[0])
+    types_ = _section_types(type(section))
+    if len(parts) < 2 or parts[1] not in types_:
+        key = parts[1] if len(parts) > 1 else ""
+        raise ConfigError(
+            f"{source}: unknown key '{key}' in section '{parts[0]}'; valid keys: {sorted(types_)}"
+        )
+    name = parts[1]
+    if len(parts) == 2:
+        setattr(section, name, _coerce(value, types_[name], f"{source}: {parts[0]}.{name}"))
+    elif types_[name] is dict and len(parts) == 3:
+        getattr(section, name)[parts[2]] = value  # e.g. model.backbone_kwargs.depth=6
+    else:
+        raise ConfigError(f"{source}: '{dotted}' is too deep; {parts[0]}.{name} is not a mapping")
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated Config from nested dicts (a YAML file or a checkpoint's copy)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    cfg = Config()
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            valid = [f.name for f in fields(cfg)]
+            if section not in valid:
+                raise ConfigError(f"{source}: unknown section '{section}'; valid sections: {valid}")
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _set(cfg, f"{section}.{key}", value, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.batch_size=4`` -> ("train.batch_size", 4); values are parsed as YAML
+    (ints, floats, bools, null, lists, mappings)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from err
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``--set`` overrides, then validation."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file}")
+        with file.open() as handle:
+            raw = yaml.safe_load(handle) or {}
+    cfg = from_dict(raw, source=str(path) if path else "config")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set(cfg, key, value, source=f"--set {text}")
+    return validate(cfg)

@@ -1,0 +1,339 @@
+"""The training run: build from a Config, loop over epochs, log, checkpoint, resume exactly.
+
+Every epoch starts by reseeding all RNGs from (seed, epoch), so an epoch is a pure function
+of the state at its start. Resuming from the checkpoint written at an epoch boundary therefore
+reproduces the uninterrupted run exactly (on the same machine and software).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .builders import DataBundle, build_datasets, build_loaders, build_loss, build_model
+from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .config import Config, from_dict
+from .engine import EvalResult, StepSettings, TrainingDiverged, evaluate, train_one_epoch
+from .health import health_warnings
+from .optim import Schedule, parameter_groups, scaled_lr
+from .runtime import (
+    grad_scaler,
+    maybe_empty_cache,
+    peak_memory_mb,
+    reset_peak_memory,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
+
+_logger = logging.getLogger(__name__)
+
+# Keys a resumed run may change; any other difference would make the resumed run a different
+# experiment than the one in the checkpoint.
+RESUME_MAY_CHANGE = {
+    "train.epochs",
+    "train.empty_cache_every",
+    "train.max_bad_steps",
+    "train.device",
+    "data.root",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "model.grad_checkpointing",
+    "model.pretrained",
+    "model.pretrained_path",
+}
+
+
+class RunExistsError(RuntimeError):
+    """The run directory already holds a run and no --resume was given."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    epochs_done: int  # epochs completed over the whole run
+    best_metric: float
+    history: list[dict[str, Any]]
+
+
+def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in raw.items() for key, value in values.items()}
+
+
+def check_resume_compatible(cfg: Config, saved: dict[str, Any], path: Path) -> None:
+    now, then = _flatten(cfg.to_dict()), _flatten(saved)
+    changed = sorted(
+        k for k in now if now[k] != then.get(k) and k not in RESUME_MAY_CHANGE and not k.startswith("run.")
+    )
+    if changed:
+        diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(
+            f"cannot resume {path}: the config differs in {diffs}. These change the experiment; start a new "
+            f"run with --set run.name=<new name>, or drop the overrides. Resumable changes: "
+            f"{sorted(RESUME_MAY_CHANGE)}."
+        )
+
+
+def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
+    """``auto``: last.pt of this run if it exists (else start fresh); a path: that file."""
+    last = checkpoint_dir / "last.pt"
+    if resume is None:
+        if last.exists():
+            raise RunExistsError(
+                f"{checkpoint_dir.parent} already holds a run ({last}). Continue it with --resume auto, or "
+                "start another with --set run.name=<new name>."
+            )
+        return None
+    if resume == "auto":
+        if last.exists():
+            return last
+        _logger.info("--resume auto: no %s yet, starting a new run", last)
+        return None
+    return Path(resume)
+
+
+def _metrics_row(
+    epoch: int, stats, evaluation: EvalResult, weights: dict[str, float], peak_mb: float
+) -> dict:
+    row: dict[str, Any] = {"epoch": epoch, "lr": stats.lr, "train_loss": stats.loss}
+    for b in ("sa", "glca", "pwca"):
+        row[f"train_loss_{b}"] = stats.branch_loss.get(b, math.nan)
+        row[f"train_acc_{b}"] = stats.branch_acc.get(b, math.nan)
+        row[f"weight_{b}"] = weights.get(b, math.nan)
+    for mode, column in (
+        ("sa", "eval_top1_sa"),
+        ("glca", "eval_top1_glca"),
+        ("sa+glca", "eval_top1_sa_glca"),
+    ):
+        row[column] = evaluation.metrics.get(mode, {}).get("top1", math.nan)
+    row.update(
+        skipped_steps=stats.skipped_steps,
+        epoch_time_s=stats.seconds,
+        peak_mem_mb=peak_mb,
+    )
+    return row
+
+
+def _selection_metric(evaluation: EvalResult) -> float:
+    metrics = evaluation.metrics
+    return metrics["sa+glca"]["top1"] if "sa+glca" in metrics else metrics["sa"]["top1"]
+
+
+def _read_history(csv: Path, upto_epoch: int) -> list[dict[str, Any]]:
+    """Rows of an existing metrics.csv up to the resumed epoch (later rows belong to lost work)."""
+    if not csv.exists():
+        return []
+    frame = pd.read_csv(csv)
+    return frame[frame["epoch"] <= upto_epoch].to_dict("records")
+
+
+@dataclass
+class Progress:
+    """Where a run stands at an epoch boundary: what a checkpoint restores besides the states."""
+
+    next_epoch: int = 0
+    step: int = 0
+    best: float = -math.inf
+    bad_streak: int = 0
+    initial_weights: dict[str, float] = field(default_factory=dict)
+
+
+def _restore(
+    state: dict[str, Any], path: Path, modules: dict[str, Any], schedule: Schedule, epochs: int
+) -> Progress:
+    for key, module in modules.items():
+        module.load_state_dict(state[key])
+    restore_rng_states(state["rng"])
+    old_epochs = state["config"]["train"]["epochs"]
+    if old_epochs != epochs:
+        _logger.info(
+            "train.epochs changed %d -> %d: the cosine schedule is rebuilt for %d total optimizer steps",
+            old_epochs, epochs, schedule.total_steps,
+        )  # fmt: skip
+    progress = Progress(
+        next_epoch=state["epoch"] + 1,
+        step=state["global_step"],
+        best=state["best_metric"],
+        bad_streak=state["bad_streak"],
+        initial_weights=state["initial_loss_weights"],
+    )
+    _logger.info("resumed from %s at epoch %d (step %d)", path, progress.next_epoch, progress.step)
+    return progress
+
+
+def _build_schedule(cfg: Config, batches_per_epoch: int) -> tuple[Schedule, str]:
+    """The LR schedule and a sentence for the log: effective batch, LR rule, LR, step counts."""
+    t = cfg.train
+    effective_batch = t.batch_size * t.gradient_accumulation_steps
+    peak_lr, rule = scaled_lr(t.base_lr, effective_batch, t.lr_scaling)
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
+    schedule = Schedule(
+        peak_lr, t.min_lr, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch
+    )
+    text = (
+        f"effective batch {effective_batch} = {t.batch_size} x {t.gradient_accumulation_steps} accumulation; "
+        f"LR {peak_lr:.4g} ({rule}); {steps_per_epoch} optimizer steps/epoch, "
+        f"warmup {schedule.warmup_steps}, total {schedule.total_steps}"
+    )
+    return schedule, text
+
+
+def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> RunResult:
+    """Train (or continue) the run ``cfg.run.name``; returns where it lives and what it reached."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    ckpt_dir = run_dir / "checkpoints"
+    resume_path = resolve_resume(resume, ckpt_dir)
+    state = load_checkpoint(resume_path) if resume_path else None
+    if state is not None:
+        check_resume_compatible(cfg, state["config"], resume_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _attach_log_file(run_dir / "train.log")
+    _logger.info("resolved config:\n%s", cfg.to_yaml())
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    t = cfg.train
+    device = resolve_device(t.device)
+    amp_dtype = resolve_precision(t.precision, device)
+    seed_everything(t.seed)
+    data = build_datasets(cfg)
+    if state is not None and list(state["classes"]) != data.classes:
+        raise ValueError(f"cannot resume {resume_path}: the dataset's classes differ from the checkpoint's")
+    model = build_model(cfg, len(data.classes)).to(device)
+    criterion = build_loss(cfg).to(device)
+    maybe_empty_cache(device)
+    train_loader, eval_loader = build_loaders(cfg, data, device, epoch_seed=t.seed)
+    schedule, described = _build_schedule(cfg, len(train_loader))
+    _logger.info(
+        "device %s, precision %s; %d train / %d %s images, %d classes; %s", device,
+        str(amp_dtype).removeprefix("torch."), len(data.train), len(data.eval), data.eval_split,
+        len(data.classes), described,
+    )  # fmt: skip
+    groups = parameter_groups({"model": model, "loss": criterion}, t.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr)
+    scaler = grad_scaler(device, amp_dtype)
+    modules = {"model": model, "loss": criterion, "optimizer": optimizer, "scaler": scaler}
+    if state is not None:
+        progress = _restore(state, resume_path, modules, schedule, t.epochs)
+    else:
+        progress = Progress(
+            initial_weights=criterion.raw_weights() if cfg.loss.weighting == "uncertainty" else {}
+        )
+    history = _read_history(run_dir / "metrics.csv", progress.next_epoch - 1)
+    writer = _tensorboard(run_dir) if cfg.run.tensorboard else None
+    settings = StepSettings(
+        accumulation=t.gradient_accumulation_steps,
+        clip_grad=t.clip_grad,
+        max_bad_steps=t.max_bad_steps,
+        empty_cache_every=t.empty_cache_every,
+        log_every=cfg.run.log_every,
+        amp_dtype=amp_dtype,
+        show_progress=show_progress,
+    )
+    modes = ("sa", "glca", "sa+glca") if cfg.model.glca else ("sa",)
+    stop = t.epochs if cfg.run.stop_after_epochs is None else progress.next_epoch + cfg.run.stop_after_epochs
+    for epoch in range(progress.next_epoch, min(t.epochs, stop)):
+        epoch_seed = t.seed * 1_000_003 + epoch
+        seed_everything(epoch_seed)
+        train_loader.generator.manual_seed(epoch_seed)
+        reset_peak_memory(device)
+        try:
+            stats = train_one_epoch(
+                model, criterion, train_loader, optimizer, scaler, device, schedule, progress.step, settings,
+                bad_streak=progress.bad_streak, epoch=epoch,
+            )  # fmt: skip
+        except TrainingDiverged as err:
+            last_good = ckpt_dir / "last.pt"
+            where = f"the last good checkpoint is {last_good}" if last_good.exists() else "no checkpoint yet"
+            raise TrainingDiverged(f"{err}; {where} (left untouched)") from err
+        evaluation = evaluate(model, eval_loader, device, len(data.classes), amp_dtype, modes)
+        row = _metrics_row(epoch, stats, evaluation, criterion.raw_weights(), peak_memory_mb(device))
+        history.append(row)
+        pd.DataFrame(history).to_csv(run_dir / "metrics.csv", index=False)
+        _log_epoch(row, data, writer)
+        for message in health_warnings(history, len(data.classes), t.warmup_epochs, progress.initial_weights):
+            _logger.warning("health: %s", message)
+
+        metric = _selection_metric(evaluation)
+        is_best = metric > progress.best
+        progress = Progress(
+            next_epoch=epoch + 1,
+            step=progress.step + stats.steps,
+            best=max(progress.best, metric),
+            bad_streak=stats.bad_streak,
+            initial_weights=progress.initial_weights,
+        )
+        checkpoint = {key: module.state_dict() for key, module in modules.items()}
+        checkpoint.update(
+            schedule=asdict(schedule),
+            epoch=epoch,
+            global_step=progress.step,
+            best_metric=progress.best,
+            bad_streak=progress.bad_streak,
+            initial_loss_weights=progress.initial_weights,
+            config=cfg.to_dict(),
+            classes=data.classes,
+            eval_split=data.eval_split,
+            rng=rng_states(),
+        )
+        save_checkpoint(checkpoint, ckpt_dir / "last.pt")
+        if is_best:
+            save_checkpoint(checkpoint, ckpt_dir / "best.pt")
+    if writer is not None:
+        writer.close()
+    return RunResult(
+        run_dir=run_dir, epochs_done=progress.next_epoch, best_metric=progress.best, history=history
+    )
+
+
+def _log_epoch(row: dict[str, Any], data: DataBundle, writer) -> None:
+    by_branch = "/".join(f"{row[f'train_acc_{b}']:.1f}" for b in ("sa", "glca", "pwca"))
+    weights = "/".join(f"{row[f'weight_{b}']:.3f}" for b in ("sa", "glca", "pwca"))
+    top1 = "/".join(f"{row[c]:.2f}" for c in ("eval_top1_sa", "eval_top1_glca", "eval_top1_sa_glca"))
+    _logger.info(
+        "epoch %d: loss %.4f | train acc sa/glca/pwca %s | %s top-1 sa/glca/sa+glca %s | weights %s | "
+        "lr %.3g | %.0f s | peak %.0f MB",
+        row["epoch"], row["train_loss"], by_branch, data.eval_split, top1, weights, row["lr"],
+        row["epoch_time_s"], row["peak_mem_mb"],
+    )  # fmt: skip
+    if row["skipped_steps"]:
+        _logger.warning(
+            "epoch %d: %d optimizer steps skipped (non-finite)", row["epoch"], row["skipped_steps"]
+        )
+    if writer is not None:
+        for key, value in row.items():
+            if key != "epoch" and not (isinstance(value, float) and math.isnan(value)):
+                writer.add_scalar(key, value, row["epoch"])
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise RuntimeError(
+            "run.tensorboard is true but the tensorboard package is not installed: "
+            "pip install tensorboard (or set run.tensorboard: false)"
+        ) from err
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _attach_log_file(path: Path) -> None:
+    """Copy the package's log records into the run directory (once per file)."""
+    root = logging.getLogger("dual_cross_attention")
+    if any(
+        isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers
+    ):
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def config_from_checkpoint(state: dict[str, Any]) -> Config:
+    return from_dict(state["config"], source="checkpoint config")
