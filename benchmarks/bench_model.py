@@ -32,20 +32,22 @@ TARGETS = {
 
 
 def step_seconds(
-    net: nn.Module, loss_fn: Callable, images: torch.Tensor, labels: torch.Tensor, steps: int
-) -> float:
-    """Median wall time of forward + backward + AdamW step, after one untimed warm-up step."""
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    net.train()
-    times = []
+    nets: list[tuple[nn.Module, Callable]], images: torch.Tensor, labels: torch.Tensor, steps: int
+) -> list[float]:
+    """Median wall time of forward + backward + AdamW step for each (model, loss) pair, after one
+    untimed warm-up step. The models take turns step by step, so drifts in machine load hit all alike."""
+    optimizers = [torch.optim.AdamW(net.parameters(), lr=1e-4) for net, _ in nets]
+    times: list[list[float]] = [[] for _ in nets]
     for i in range(steps + 1):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(net, images, labels).backward()
-        optimizer.step()
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for (net, loss_fn), optimizer, record in zip(nets, optimizers, times, strict=True):
+            net.train()
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(net, images, labels).backward()
+            optimizer.step()
+            if i:
+                record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def bench(name: str, img_size: int, batch: int, steps: int) -> dict[str, float]:
@@ -60,8 +62,7 @@ def bench(name: str, img_size: int, batch: int, steps: int) -> dict[str, float]:
     checkpointed = saved_bytes(lambda: dcal_loss(model, images, labels))
     model.grad_checkpointing = False
     plain = plain_vit_like(model)
-    dcal_time = step_seconds(model, dcal_loss, images, labels, steps)
-    plain_time = step_seconds(plain, plain_loss, images, labels, steps)
+    dcal_time, plain_time = step_seconds([(model, dcal_loss), (plain, plain_loss)], images, labels, steps)
     return {
         "train_flops": ratios.train_flops,
         "saved_bytes": ratios.saved_bytes,
@@ -78,7 +79,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per model")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per model")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     columns = ["model", "px", "train FLOPs", "saved bytes", "ckpt / no ckpt", "step time", "infer FLOPs"]

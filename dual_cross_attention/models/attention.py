@@ -105,6 +105,53 @@ def attention_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def row_times_attention(
+    row: torch.Tensor, q: torch.Tensor, k: torch.Tensor, buffer: torch.Tensor
+) -> torch.Tensor:
+    """row @ mean_h softmax(q_h k_h^T / sqrt(d)), without forming the normalised map.
+
+    Uses row @ softmax(S) = (row / Z) @ exp(S - max) per head, computed in place in ``buffer``,
+    so each block costs one matmul, one exp and one reduction (the training-path rollout
+    recomputes these maps for every block).
+
+    Args:
+        row: (B, N) float32. q, k: (B, nh, N, hd). buffer: (B, nh, N, N) float32 scratch space.
+
+    Returns:
+        (B, N) float32.
+    """
+    heads = q.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.float() * scale, k.float().transpose(-2, -1), out=buffer)  # (B, nh, N, N)
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    weights = row[:, None, :] / (scores.sum(dim=-1) * heads)  # (B, nh, N): row_i / (Z_hi * nh)
+    return (weights.unsqueeze(-2) @ scores).squeeze(-2).sum(dim=1)
+
+
+@torch.no_grad()
+def rollout_from_qk(qk_last_first: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Class-token rollout row from per-block queries and keys, last block first: for the
+    training path, where the fused kernel never exposed the maps. One map's worth of scratch
+    memory is reused for every block.
+
+    Args:
+        qk_last_first: (q, k) of blocks L, L-1, ..., 1, each (B, nh, N, hd). May be a generator.
+
+    Returns:
+        (B, N) as ``rollout_cls_row``.
+    """
+    blocks = iter(qk_last_first)
+    q_last, k_last = next(blocks)
+    row = 0.5 * attention_map(q_last[:, :, :1], k_last)[:, 0]  # only the class-token query is needed
+    row[:, 0] += 0.5  # e0 (0.5 S_L + 0.5 I)
+    B, heads, N, _ = k_last.shape
+    buffer = torch.empty(B, heads, N, N, device=k_last.device, dtype=torch.float32)
+    for q, k in blocks:
+        row = 0.5 * row_times_attention(row, q, k, buffer) + 0.5 * row
+    return row
+
+
+@torch.no_grad()
 def rollout_cls_row(
     last_cls_row: torch.Tensor, earlier_maps_last_first: Iterable[torch.Tensor]
 ) -> torch.Tensor:

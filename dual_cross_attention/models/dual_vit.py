@@ -26,7 +26,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import (
-    attention_map,
     explicit_attention,
     fused_attention,
     num_local_tokens,
@@ -35,6 +34,7 @@ from .attention import (
     project_q,
     project_qkv,
     rollout_cls_row,
+    rollout_from_qk,
     select_local_tokens,
 )
 from .backbone import create_backbone
@@ -174,9 +174,9 @@ class DualViT(nn.Module):
             qk.append(None if self.grad_checkpointing else (q, k))
         rollout = None
         if self.use_glca:
-            blocks = self.backbone.blocks
-            qk = [pair or self._queries_keys(b, inp) for b, inp, pair in zip(blocks, inputs, qk, strict=True)]
-            rollout = self._rollout_from_qk(qk)
+            blocks = list(self.backbone.blocks)
+            last_first = zip(reversed(blocks), reversed(inputs), reversed(qk), strict=True)
+            rollout = rollout_from_qk(pair or self._queries_keys(b, inp) for b, inp, pair in last_first)
         return x, pw, inputs[-1], rollout
 
     def _blocks_without_grad(
@@ -192,7 +192,7 @@ class DualViT(nn.Module):
             attended, head_mean = explicit_attention(block.attn, q, k, v)
             maps.append(head_mean)
             if pw is not None:
-                pw = self._pwca_block(block, pw, k[pair_index], v[pair_index])
+                pw = self._pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
             x = _block_tail(block, x, attended)
         rollout = rollout_cls_row(maps[-1][:, 0], reversed(maps[:-1])) if self.use_glca else None
         return x, pw, last_input, rollout
@@ -204,7 +204,7 @@ class DualViT(nn.Module):
         """One block of the SA stream and, when given, of the PWCA stream (one checkpoint unit)."""
         q, k, v = project_qkv(block.attn, block.norm1(x))  # (B, nh, N, hd)
         if pw is not None:
-            pw = DualViT._pwca_block(block, pw, k[pair_index], v[pair_index])
+            pw = DualViT._pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
         x = _block_tail(block, x, fused_attention(block.attn, q, k, v))
         return x, pw, q.detach(), k.detach()
 
@@ -220,14 +220,6 @@ class DualViT(nn.Module):
     def _queries_keys(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, _ = project_qkv(block.attn, block.norm1(x))
         return q, k
-
-    @staticmethod
-    @torch.no_grad()
-    def _rollout_from_qk(qk: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Rollout row, recomputing one head-averaged map at a time (the class-token row of the last)."""
-        q_last, k_last = qk[-1]
-        last_row = attention_map(q_last[:, :, :1], k_last)[:, 0]  # (B, N)
-        return rollout_cls_row(last_row, (attention_map(q, k) for q, k in reversed(qk[:-1])))
 
     def _glca(self, x: torch.Tensor, local_index: torch.Tensor) -> torch.Tensor:
         """GLCA on block L's input ``x`` (B, N, C); returns pooled class-token features (B, C)."""
