@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from dual_cross_attention.config import ConfigError, load_config
+from dual_cross_attention.distributed import cleanup
 from dual_cross_attention.engine import TrainingDiverged
 from dual_cross_attention.trainer import RunExistsError, train
 
@@ -42,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunExistsError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    last = result.history[-1] if result.history else {}
+    finally:
+        cleanup()
+    if not result.history:  # not rank 0 under torchrun (rank 0 reports), or nothing left to train
+        return 0
+    last = result.history[-1]
     print(f"run {result.run_dir}: {result.epochs_done} epochs, best top-1 {result.best_metric:.2f}%")
-    if last:
-        print(
-            f"last epoch: top-1 sa {last['eval_top1_sa']:.2f}%, glca {last['eval_top1_glca']:.2f}%, "
-            f"sa+glca {last['eval_top1_sa_glca']:.2f}%"
-        )
+    print(
+        f"last epoch: top-1 sa {last['eval_top1_sa']:.2f}%, glca {last['eval_top1_glca']:.2f}%, "
+        f"sa+glca {last['eval_top1_sa_glca']:.2f}%"
+    )
     return 0
 
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import timm
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import Config
 from .data import build_splits
 from .data.transforms import build_eval_transform, build_train_transform
+from .distributed import DistInfo, ShardSampler
 from .losses import DCALLoss
 from .models import DualViT
 
@@ -90,19 +91,40 @@ def build_datasets(cfg: Config) -> DataBundle:
 
 
 def build_loaders(
-    cfg: Config, data: DataBundle, device: torch.device, epoch_seed: int
+    cfg: Config, data: DataBundle, device: torch.device, seed: int, dist: DistInfo
 ) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training loader (full batches only: PWCA needs >= 2 images) and an eval loader."""
+    """Training loader (shuffled, full batches only: PWCA needs >= 2 images) and eval loader.
+
+    Under torchrun each process gets its share: a DistributedSampler for training (the trainer
+    calls ``set_epoch``), and for evaluation a sampler that hands every image to exactly one
+    process, without the padding DistributedSampler would add.
+    """
     batch = cfg.train.batch_size
-    if len(data.train) < batch:
+    if len(data.train) < batch * dist.world_size:
         raise ValueError(
-            f"the training split has {len(data.train)} images, fewer than train.batch_size={batch}"
+            f"the training split has {len(data.train)} images, fewer than train.batch_size={batch} x "
+            f"{dist.world_size} processes"
         )
-    generator = torch.Generator().manual_seed(epoch_seed)
     common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    train = DataLoader(
-        data.train, batch_size=batch, shuffle=True, drop_last=True, generator=generator, **common
-    )
+    if dist.enabled:
+        sampler = DistributedSampler(
+            data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        train = DataLoader(data.train, batch_size=batch, sampler=sampler, drop_last=True, **common)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        train = DataLoader(
+            data.train, batch_size=batch, shuffle=True, drop_last=True, generator=generator, **common
+        )
+    eval_sampler = ShardSampler(len(data.eval), dist.rank, dist.world_size)
     eval_batch = cfg.data.eval_batch_size or 2 * batch
-    evaluation = DataLoader(data.eval, batch_size=eval_batch, shuffle=False, **common)
+    evaluation = DataLoader(data.eval, batch_size=eval_batch, sampler=eval_sampler, **common)
     return train, evaluation
+
+
+def start_epoch(loader: DataLoader, epoch: int, epoch_seed: int) -> None:
+    """Make the epoch's shuffle (and worker seeds) a function of the epoch alone."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(epoch_seed)

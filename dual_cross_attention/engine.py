@@ -18,10 +18,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .losses import DCALLoss
+from .distributed import all_reduce_sum
 from .models.dual_vit import PREDICT_MODES, combine_probabilities
 from .optim import set_lr
 from .runtime import autocast, maybe_empty_cache
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(module, "module", module)
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,8 +78,10 @@ def _optimizer_step(
     """
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
-    finite = torch.isfinite(window_losses).all(dim=0).tolist()  # one host sync per optimizer step
-    bad = [b for b, ok in zip(branches, finite, strict=True) if not ok]
+    # Every process must take the same decision, or their weights part ways: count the
+    # non-finite branch losses over all processes.
+    non_finite = all_reduce_sum((~torch.isfinite(window_losses)).any(dim=0).float())
+    bad = [b for b, n in zip(branches, non_finite.tolist(), strict=True) if n > 0]  # one host sync
     if not bad and not scaler.is_enabled() and not math.isfinite(grad_norm.item()):
         bad = ["gradients"]
     if bad:
@@ -88,8 +95,7 @@ def _optimizer_step(
 
 
 def train_one_epoch(
-    model: nn.Module,
-    criterion: DCALLoss,
+    module: nn.Module,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -100,9 +106,16 @@ def train_one_epoch(
     bad_streak: int = 0,
     epoch: int = 0,
 ) -> EpochStats:
-    """One pass over ``loader``; returns averages over the epoch. Raises ``TrainingDiverged``."""
-    model.train()
-    criterion.train()
+    """One pass over ``loader``; returns averages over the epoch (and over all processes).
+
+    Args:
+        module: a ``ModelWithLoss``, possibly wrapped in DistributedDataParallel.
+
+    Raises:
+        TrainingDiverged: ``settings.max_bad_steps`` optimizer steps in a row were not finite.
+    """
+    module.train()
+    criterion = unwrap(module).criterion
     branches = criterion.branches
     params = [p for group in optimizer.param_groups for p in group["params"]]
     n_micro, accum = len(loader), settings.accumulation
@@ -118,11 +131,10 @@ def train_one_epoch(
         last_micro = i + 1 == window_start + window_size
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         # DDP: synchronise gradients only on the micro-batch that ends the window.
-        no_sync = getattr(model, "no_sync", None)
+        no_sync = getattr(module, "no_sync", None)
         with no_sync() if no_sync is not None and not last_micro else contextlib.nullcontext():
             with autocast(device, settings.amp_dtype):
-                out = model(images)
-            result = criterion(out, labels)
+                result = module(images, labels)
             scaler.scale(result.total / window_size).backward()
         branch_losses = torch.stack([result.per_branch[b].detach() for b in branches])
         window.append(branch_losses)
@@ -153,6 +165,12 @@ def train_one_epoch(
             acc = 100.0 * correct[0].item() / images_seen
             bar.set_postfix(loss=f"{mean[0]:.3f}", acc=f"{acc:.1f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
     bar.close()
+    totals = all_reduce_sum(torch.cat([loss_sum, correct, torch.tensor([images_seen], device=device)]))
+    loss_sum, correct, images_seen = (
+        totals[: len(branches) + 1],
+        totals[len(branches) + 1 : -1],
+        int(totals[-1]),
+    )
     means = (loss_sum / max(images_seen, 1)).tolist()
     accs = (100.0 * correct / max(images_seen, 1)).tolist()
     return EpochStats(
@@ -196,6 +214,8 @@ def evaluate(
             top1[mode] += hit1.sum()
             top5[mode] += (ranked == labels[:, None]).any(dim=1).sum()
             class_correct[mode] += torch.bincount(labels[hit1], minlength=num_classes)
+    for counter in [class_total, *top1.values(), *top5.values(), *class_correct.values()]:
+        all_reduce_sum(counter)  # each process saw its own shard: every image is counted once
     n = int(class_total.sum().item())
     present = class_total > 0
     result = EvalResult(num_images=n)

@@ -96,3 +96,16 @@ class DCALLoss(nn.Module):
         """w_k for uncertainty weighting (what the paper's figures plot), else the fixed weights."""
         values = self.log_vars if self.weighting == "uncertainty" else self.fixed
         return {b: float(v) for b, v in zip(self.branches, values, strict=True)}
+
+
+class ModelWithLoss(nn.Module):
+    """The model and its loss as one module: DDP then averages the gradients of the loss
+    weights together with the model's, so no process's weights drift from the others."""
+
+    def __init__(self, model: nn.Module, criterion: DCALLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> LossResult:
+        return self.criterion(self.model(images), labels)

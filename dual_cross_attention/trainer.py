@@ -15,12 +15,15 @@ from typing import Any
 
 import pandas as pd
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from .builders import DataBundle, build_datasets, build_loaders, build_loss, build_model
+from .builders import DataBundle, build_datasets, build_loaders, build_loss, build_model, start_epoch
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import Config, from_dict
+from .distributed import DistInfo, barrier, init_distributed, main_process_first, process_device
 from .engine import EvalResult, StepSettings, TrainingDiverged, evaluate, train_one_epoch
 from .health import health_warnings
+from .losses import ModelWithLoss
 from .optim import Schedule, parameter_groups, scaled_lr
 from .runtime import (
     grad_scaler,
@@ -60,6 +63,7 @@ class RunResult:
     epochs_done: int  # epochs completed over the whole run
     best_metric: float
     history: list[dict[str, Any]]
+    model: torch.nn.Module  # the trained DualViT (last epoch), e.g. to inspect in a notebook
 
 
 def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +117,7 @@ def _metrics_row(
     ):
         row[column] = evaluation.metrics.get(mode, {}).get("top1", math.nan)
     row.update(
+        eval_images=evaluation.num_images,
         skipped_steps=stats.skipped_steps,
         epoch_time_s=stats.seconds,
         peak_mem_mb=peak_mb,
@@ -167,48 +172,77 @@ def _restore(
     return progress
 
 
-def _build_schedule(cfg: Config, batches_per_epoch: int) -> tuple[Schedule, str]:
-    """The LR schedule and a sentence for the log: effective batch, LR rule, LR, step counts."""
+def _build_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> tuple[Schedule, str]:
+    """The LR schedule and a sentence for the log: global effective batch, LR rule, LR, steps."""
     t = cfg.train
-    effective_batch = t.batch_size * t.gradient_accumulation_steps
+    effective_batch = t.batch_size * t.gradient_accumulation_steps * world_size
     peak_lr, rule = scaled_lr(t.base_lr, effective_batch, t.lr_scaling)
     steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
     schedule = Schedule(
         peak_lr, t.min_lr, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch
     )
+    processes = f" x {world_size} processes" if world_size > 1 else ""
     text = (
-        f"effective batch {effective_batch} = {t.batch_size} x {t.gradient_accumulation_steps} accumulation; "
-        f"LR {peak_lr:.4g} ({rule}); {steps_per_epoch} optimizer steps/epoch, "
+        f"effective batch {effective_batch} = {t.batch_size} x {t.gradient_accumulation_steps} accumulation"
+        f"{processes}; LR {peak_lr:.4g} ({rule}); {steps_per_epoch} optimizer steps/epoch, "
         f"warmup {schedule.warmup_steps}, total {schedule.total_steps}"
     )
     return schedule, text
 
 
-def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> RunResult:
-    """Train (or continue) the run ``cfg.run.name``; returns where it lives and what it reached."""
+def _step_settings(cfg: Config, amp_dtype: torch.dtype, show_progress: bool) -> StepSettings:
+    t = cfg.train
+    return StepSettings(
+        accumulation=t.gradient_accumulation_steps,
+        clip_grad=t.clip_grad,
+        max_bad_steps=t.max_bad_steps,
+        empty_cache_every=t.empty_cache_every,
+        log_every=cfg.run.log_every,
+        amp_dtype=amp_dtype,
+        show_progress=show_progress,
+    )
+
+
+def _open_run(
+    cfg: Config, resume: str | None, dist: DistInfo
+) -> tuple[Path, dict[str, Any] | None, Path | None]:
+    """Run directory, and the checkpoint state to resume from (every process reads the same file)."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    ckpt_dir = run_dir / "checkpoints"
-    resume_path = resolve_resume(resume, ckpt_dir)
+    resume_path = resolve_resume(resume, run_dir / "checkpoints")
     state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
         check_resume_compatible(cfg, state["config"], resume_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _attach_log_file(run_dir / "train.log")
-    _logger.info("resolved config:\n%s", cfg.to_yaml())
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _attach_log_file(run_dir / "train.log")
+        _logger.info("resolved config:\n%s", cfg.to_yaml())
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    else:
+        logging.getLogger("dual_cross_attention").setLevel(logging.WARNING)  # rank 0 speaks for all
+    return run_dir, state, resume_path
 
+
+def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> RunResult:
+    """Train (or continue) the run ``cfg.run.name``; returns where it lives and what it reached.
+
+    Under torchrun every process runs this; only rank 0 writes logs, metrics and checkpoints.
+    """
     t = cfg.train
-    device = resolve_device(t.device)
+    dist = init_distributed(resolve_device(t.device))
+    device = process_device(resolve_device(t.device), dist)
     amp_dtype = resolve_precision(t.precision, device)
+    run_dir, state, resume_path = _open_run(cfg, resume, dist)
+    ckpt_dir = run_dir / "checkpoints"
     seed_everything(t.seed)
-    data = build_datasets(cfg)
+    with main_process_first(dist):  # rank 0 generates the demo set before the others read it
+        data = build_datasets(cfg)
     if state is not None and list(state["classes"]) != data.classes:
         raise ValueError(f"cannot resume {resume_path}: the dataset's classes differ from the checkpoint's")
     model = build_model(cfg, len(data.classes)).to(device)
     criterion = build_loss(cfg).to(device)
     maybe_empty_cache(device)
-    train_loader, eval_loader = build_loaders(cfg, data, device, epoch_seed=t.seed)
-    schedule, described = _build_schedule(cfg, len(train_loader))
+    train_loader, eval_loader = build_loaders(cfg, data, device, t.seed, dist)
+    schedule, described = _build_schedule(cfg, len(train_loader), dist.world_size)
     _logger.info(
         "device %s, precision %s; %d train / %d %s images, %d classes; %s", device,
         str(amp_dtype).removeprefix("torch."), len(data.train), len(data.eval), data.eval_split,
@@ -221,30 +255,25 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     if state is not None:
         progress = _restore(state, resume_path, modules, schedule, t.epochs)
     else:
-        progress = Progress(
-            initial_weights=criterion.raw_weights() if cfg.loss.weighting == "uncertainty" else {}
-        )
-    history = _read_history(run_dir / "metrics.csv", progress.next_epoch - 1)
-    writer = _tensorboard(run_dir) if cfg.run.tensorboard else None
-    settings = StepSettings(
-        accumulation=t.gradient_accumulation_steps,
-        clip_grad=t.clip_grad,
-        max_bad_steps=t.max_bad_steps,
-        empty_cache_every=t.empty_cache_every,
-        log_every=cfg.run.log_every,
-        amp_dtype=amp_dtype,
-        show_progress=show_progress,
-    )
+        initial = criterion.raw_weights() if cfg.loss.weighting == "uncertainty" else {}
+        progress = Progress(initial_weights=initial)
+    step_module: torch.nn.Module = ModelWithLoss(model, criterion)
+    if dist.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        step_module = DistributedDataParallel(step_module, device_ids=device_ids)
+    history = _read_history(run_dir / "metrics.csv", progress.next_epoch - 1) if dist.is_main else []
+    writer = _tensorboard(run_dir) if cfg.run.tensorboard and dist.is_main else None
+    settings = _step_settings(cfg, amp_dtype, show_progress and dist.is_main)
     modes = ("sa", "glca", "sa+glca") if cfg.model.glca else ("sa",)
     stop = t.epochs if cfg.run.stop_after_epochs is None else progress.next_epoch + cfg.run.stop_after_epochs
     for epoch in range(progress.next_epoch, min(t.epochs, stop)):
         epoch_seed = t.seed * 1_000_003 + epoch
-        seed_everything(epoch_seed)
-        train_loader.generator.manual_seed(epoch_seed)
+        seed_everything(epoch_seed + 7_919 * dist.rank)  # distinct masks and pairs per process
+        start_epoch(train_loader, epoch, epoch_seed)
         reset_peak_memory(device)
         try:
             stats = train_one_epoch(
-                model, criterion, train_loader, optimizer, scaler, device, schedule, progress.step, settings,
+                step_module, train_loader, optimizer, scaler, device, schedule, progress.step, settings,
                 bad_streak=progress.bad_streak, epoch=epoch,
             )  # fmt: skip
         except TrainingDiverged as err:
@@ -252,13 +281,6 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             where = f"the last good checkpoint is {last_good}" if last_good.exists() else "no checkpoint yet"
             raise TrainingDiverged(f"{err}; {where} (left untouched)") from err
         evaluation = evaluate(model, eval_loader, device, len(data.classes), amp_dtype, modes)
-        row = _metrics_row(epoch, stats, evaluation, criterion.raw_weights(), peak_memory_mb(device))
-        history.append(row)
-        pd.DataFrame(history).to_csv(run_dir / "metrics.csv", index=False)
-        _log_epoch(row, data, writer)
-        for message in health_warnings(history, len(data.classes), t.warmup_epochs, progress.initial_weights):
-            _logger.warning("health: %s", message)
-
         metric = _selection_metric(evaluation)
         is_best = metric > progress.best
         progress = Progress(
@@ -268,6 +290,14 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             bad_streak=stats.bad_streak,
             initial_weights=progress.initial_weights,
         )
+        if not dist.is_main:
+            continue
+        row = _metrics_row(epoch, stats, evaluation, criterion.raw_weights(), peak_memory_mb(device))
+        history.append(row)
+        pd.DataFrame(history).to_csv(run_dir / "metrics.csv", index=False)
+        _log_epoch(row, data, writer)
+        for message in health_warnings(history, len(data.classes), t.warmup_epochs, progress.initial_weights):
+            _logger.warning("health: %s", message)
         checkpoint = {key: module.state_dict() for key, module in modules.items()}
         checkpoint.update(
             schedule=asdict(schedule),
@@ -286,8 +316,13 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             save_checkpoint(checkpoint, ckpt_dir / "best.pt")
     if writer is not None:
         writer.close()
+    barrier()  # no process leaves while rank 0 still writes the last checkpoint
     return RunResult(
-        run_dir=run_dir, epochs_done=progress.next_epoch, best_metric=progress.best, history=history
+        run_dir=run_dir,
+        epochs_done=progress.next_epoch,
+        best_metric=progress.best,
+        history=history,
+        model=model,
     )
 
 

@@ -19,7 +19,7 @@ from dual_cross_attention.checkpoint import CheckpointError, load_checkpoint
 from dual_cross_attention.config import load_config
 from dual_cross_attention.data.synthetic import DemoSpec, generate_demo_dataset
 from dual_cross_attention.engine import StepSettings, TrainingDiverged, train_one_epoch
-from dual_cross_attention.losses import DCALLoss
+from dual_cross_attention.losses import DCALLoss, ModelWithLoss
 from dual_cross_attention.models import DualViTOutput
 from dual_cross_attention.trainer import RunExistsError, train
 
@@ -146,12 +146,12 @@ def test_accumulation_scales_by_the_window_including_a_short_last_one():
     batches = [(torch.randn(2, 3), torch.randint(0, 2, (2,))) for _ in range(5)]  # windows of 2, 2, 1
     model = LinearOutput()
     reference = copy.deepcopy(model)
-    criterion = DCALLoss(("sa",), weighting="fixed")
+    module = ModelWithLoss(model, DCALLoss(("sa",), weighting="fixed"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     settings = StepSettings(2, None, 3, 0, 1, torch.float32, show_progress=False)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cpu, constant_lr = torch.device("cpu"), lambda step: 0.5
-    stats = train_one_epoch(model, criterion, batches, optimizer, scaler, cpu, constant_lr, 0, settings)
+    stats = train_one_epoch(module, batches, optimizer, scaler, cpu, constant_lr, 0, settings)
     assert stats.steps == 3
     for window in (batches[0:2], batches[2:4], batches[4:5]):
         reference.zero_grad()
