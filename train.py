@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from dual_cross_attention.config import ConfigError, load_config
 from dual_cross_attention.distributed import cleanup
 from dual_cross_attention.engine import TrainingDiverged
+from dual_cross_attention.lr_finder import LRFindResult, find_lr
 from dual_cross_attention.trainer import RunExistsError, train
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -29,7 +31,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--resume", default=None, help="'auto' (this run's last.pt) or a checkpoint path")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+    parser.add_argument(
+        "--lr-find", action="store_true",
+        help="run the LR range test (settings in the lr_find section) instead of training",
+    )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def report_lr_find(result: LRFindResult, config_lr: float, rule: str) -> int:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"LR range test: {len(result.lrs)} steps, {result.reason}")
+        print(f"suggested LR (steepest descent of the smoothed loss): {result.steepest_lr:.3g}")
+        print(f"suggested LR (minimum of the smoothed loss / 10):     {result.min_over_10_lr:.3g}")
+        print(f"the config would use: {config_lr:.3g} ({rule})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.lr_find:
+            return report_lr_find(*find_lr(cfg))
         result = train(cfg, resume=args.resume, show_progress=not args.no_progress)
     except (ConfigError, RunExistsError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)

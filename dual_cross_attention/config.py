@@ -84,12 +84,22 @@ class RunConfig:
 
 
 @dataclass
+class LRFindConfig:
+    start: float = 1e-7  # first LR of the exponential sweep
+    end: float = 1.0  # last LR
+    steps: int = 100  # optimizer steps of the sweep
+    smoothing: float = 0.98  # beta of the loss's exponential moving average
+    diverge_factor: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    lr_find: LRFindConfig = field(default_factory=LRFindConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +123,9 @@ POSITIVE = {
     ("train", "gradient_accumulation_steps"),
     ("train", "max_bad_steps"),
     ("run", "log_every"),
+    ("lr_find", "start"),
+    ("lr_find", "end"),
+    ("lr_find", "steps"),
 }
 NON_NEGATIVE = {
     ("data", "num_workers"),
@@ -200,6 +213,12 @@ def validate(cfg: Config) -> Config:
     unknown = set(cfg.loss.weights) - {"sa", "glca", "pwca"}
     if unknown:
         raise ConfigError(f"loss.weights has unknown branches {sorted(unknown)}; valid: sa, glca, pwca")
+    if not cfg.lr_find.start < cfg.lr_find.end:
+        raise ConfigError(f"lr_find.start ({cfg.lr_find.start}) must be below lr_find.end ({cfg.lr_find.end})")
+    if not 0.0 <= cfg.lr_find.smoothing < 1.0:
+        raise ConfigError(f"lr_find.smoothing must be in [0, 1), got {cfg.lr_find.smoothing}")
+    if cfg.lr_find.diverge_factor <= 1.0:
+        raise ConfigError(f"lr_find.diverge_factor must be > 1, got {cfg.lr_find.diverge_factor}")
     if cfg.run.stop_after_epochs is not None and cfg.run.stop_after_epochs <= 0:
         raise ConfigError(f"run.stop_after_epochs must be > 0 or null, got {cfg.run.stop_after_epochs}")
     return cfg

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum
+from .losses import LossResult
 from .models.dual_vit import PREDICT_MODES, combine_probabilities
 from .optim import set_lr
 from .runtime import autocast, maybe_empty_cache
@@ -63,7 +64,7 @@ class EvalResult:
     num_images: int = 0
 
 
-def _optimizer_step(
+def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     params: list[torch.Tensor],
@@ -92,6 +93,29 @@ def _optimizer_step(
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return None
+
+
+def micro_step(
+    module: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: torch.dtype,
+    window_size: int,
+    ends_window: bool,
+) -> LossResult:
+    """Forward and backward of one micro-batch, its loss divided by the accumulation window.
+
+    Under DDP, gradients are synchronised only on the micro-batch that ends the window.
+    """
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    no_sync = getattr(module, "no_sync", None)
+    with no_sync() if no_sync is not None and not ends_window else contextlib.nullcontext():
+        with autocast(device, amp_dtype):
+            result = module(images, labels)
+        scaler.scale(result.total / window_size).backward()
+    return result
 
 
 def train_one_epoch(
@@ -129,13 +153,9 @@ def train_one_epoch(
         window_start = i - i % accum
         window_size = min(accum, n_micro - window_start)
         last_micro = i + 1 == window_start + window_size
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        # DDP: synchronise gradients only on the micro-batch that ends the window.
-        no_sync = getattr(module, "no_sync", None)
-        with no_sync() if no_sync is not None and not last_micro else contextlib.nullcontext():
-            with autocast(device, settings.amp_dtype):
-                result = module(images, labels)
-            scaler.scale(result.total / window_size).backward()
+        result = micro_step(
+            module, images, labels, scaler, device, settings.amp_dtype, window_size, last_micro
+        )
         branch_losses = torch.stack([result.per_branch[b].detach() for b in branches])
         window.append(branch_losses)
         loss_sum += torch.cat([result.total.detach().reshape(1), branch_losses]) * len(labels)
@@ -145,7 +165,7 @@ def train_one_epoch(
             continue
         lr = lr_for_step(step)
         set_lr(optimizer, lr)
-        reason = _optimizer_step(optimizer, scaler, params, settings.clip_grad, torch.stack(window), branches)
+        reason = optimizer_step(optimizer, scaler, params, settings.clip_grad, torch.stack(window), branches)
         criterion.project()
         window, step = [], step + 1
         if reason is None:

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from .builders import DataBundle, build_datasets, build_loaders, build_loss, build_model, start_epoch
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
@@ -23,7 +24,8 @@ from .config import Config, from_dict
 from .distributed import DistInfo, barrier, init_distributed, main_process_first, process_device
 from .engine import EvalResult, StepSettings, TrainingDiverged, evaluate, train_one_epoch
 from .health import health_warnings
-from .losses import ModelWithLoss
+from .losses import DCALLoss, ModelWithLoss
+from .models import DualViT
 from .optim import Schedule, parameter_groups, scaled_lr
 from .runtime import (
     grad_scaler,
@@ -73,7 +75,9 @@ def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
 def check_resume_compatible(cfg: Config, saved: dict[str, Any], path: Path) -> None:
     now, then = _flatten(cfg.to_dict()), _flatten(saved)
     changed = sorted(
-        k for k in now if now[k] != then.get(k) and k not in RESUME_MAY_CHANGE and not k.startswith("run.")
+        k
+        for k in now
+        if now[k] != then.get(k) and k not in RESUME_MAY_CHANGE and not k.startswith(("run.", "lr_find."))
     )
     if changed:
         diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -222,22 +226,31 @@ def _open_run(
     return run_dir, state, resume_path
 
 
-def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> RunResult:
-    """Train (or continue) the run ``cfg.run.name``; returns where it lives and what it reached.
+@dataclass
+class TrainingParts:
+    """Everything a training step needs, built from the config (shared by train and the LR finder)."""
 
-    Under torchrun every process runs this; only rank 0 writes logs, metrics and checkpoints.
-    """
+    device: torch.device
+    amp_dtype: torch.dtype
+    data: DataBundle
+    model: DualViT
+    criterion: DCALLoss
+    step_module: torch.nn.Module  # ModelWithLoss, wrapped in DDP under torchrun
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def build_training(cfg: Config, dist: DistInfo) -> TrainingParts:
+    """Data, model, loss, loaders, LR schedule, optimizer and scaler; logs what the run will do."""
     t = cfg.train
-    dist = init_distributed(resolve_device(t.device))
     device = process_device(resolve_device(t.device), dist)
     amp_dtype = resolve_precision(t.precision, device)
-    run_dir, state, resume_path = _open_run(cfg, resume, dist)
-    ckpt_dir = run_dir / "checkpoints"
     seed_everything(t.seed)
     with main_process_first(dist):  # rank 0 generates the demo set before the others read it
         data = build_datasets(cfg)
-    if state is not None and list(state["classes"]) != data.classes:
-        raise ValueError(f"cannot resume {resume_path}: the dataset's classes differ from the checkpoint's")
     model = build_model(cfg, len(data.classes)).to(device)
     criterion = build_loss(cfg).to(device)
     maybe_empty_cache(device)
@@ -249,38 +262,66 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         len(data.classes), described,
     )  # fmt: skip
     groups = parameter_groups({"model": model, "loss": criterion}, t.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr)
-    scaler = grad_scaler(device, amp_dtype)
-    modules = {"model": model, "loss": criterion, "optimizer": optimizer, "scaler": scaler}
-    if state is not None:
-        progress = _restore(state, resume_path, modules, schedule, t.epochs)
-    else:
-        initial = criterion.raw_weights() if cfg.loss.weighting == "uncertainty" else {}
-        progress = Progress(initial_weights=initial)
     step_module: torch.nn.Module = ModelWithLoss(model, criterion)
     if dist.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         step_module = DistributedDataParallel(step_module, device_ids=device_ids)
+    return TrainingParts(
+        device=device,
+        amp_dtype=amp_dtype,
+        data=data,
+        model=model,
+        criterion=criterion,
+        step_module=step_module,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        schedule=schedule,
+        optimizer=torch.optim.AdamW(groups, lr=schedule.peak_lr),
+        scaler=grad_scaler(device, amp_dtype),
+    )
+
+
+def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> RunResult:
+    """Train (or continue) the run ``cfg.run.name``; returns where it lives and what it reached.
+
+    Under torchrun every process runs this; only rank 0 writes logs, metrics and checkpoints.
+    """
+    dist = init_distributed(resolve_device(cfg.train.device))
+    run_dir, state, resume_path = _open_run(cfg, resume, dist)
+    ckpt_dir = run_dir / "checkpoints"
+    t, parts = cfg.train, build_training(cfg, dist)
+    data, model, criterion = parts.data, parts.model, parts.criterion
+    if state is not None and list(state["classes"]) != data.classes:
+        raise ValueError(f"cannot resume {resume_path}: the dataset's classes differ from the checkpoint's")
+    modules = {"model": model, "loss": criterion, "optimizer": parts.optimizer, "scaler": parts.scaler}
+    if state is not None:
+        progress = _restore(state, resume_path, modules, parts.schedule, t.epochs)
+    else:
+        initial = criterion.raw_weights() if cfg.loss.weighting == "uncertainty" else {}
+        progress = Progress(initial_weights=initial)
     history = _read_history(run_dir / "metrics.csv", progress.next_epoch - 1) if dist.is_main else []
     writer = _tensorboard(run_dir) if cfg.run.tensorboard and dist.is_main else None
-    settings = _step_settings(cfg, amp_dtype, show_progress and dist.is_main)
+    settings = _step_settings(cfg, parts.amp_dtype, show_progress and dist.is_main)
     modes = ("sa", "glca", "sa+glca") if cfg.model.glca else ("sa",)
     stop = t.epochs if cfg.run.stop_after_epochs is None else progress.next_epoch + cfg.run.stop_after_epochs
     for epoch in range(progress.next_epoch, min(t.epochs, stop)):
         epoch_seed = t.seed * 1_000_003 + epoch
         seed_everything(epoch_seed + 7_919 * dist.rank)  # distinct masks and pairs per process
-        start_epoch(train_loader, epoch, epoch_seed)
-        reset_peak_memory(device)
+        start_epoch(parts.train_loader, epoch, epoch_seed)
+        reset_peak_memory(parts.device)
         try:
             stats = train_one_epoch(
-                step_module, train_loader, optimizer, scaler, device, schedule, progress.step, settings,
+                parts.step_module, parts.train_loader, parts.optimizer, parts.scaler, parts.device,
+                parts.schedule, progress.step, settings,
                 bad_streak=progress.bad_streak, epoch=epoch,
             )  # fmt: skip
         except TrainingDiverged as err:
             last_good = ckpt_dir / "last.pt"
             where = f"the last good checkpoint is {last_good}" if last_good.exists() else "no checkpoint yet"
             raise TrainingDiverged(f"{err}; {where} (left untouched)") from err
-        evaluation = evaluate(model, eval_loader, device, len(data.classes), amp_dtype, modes)
+        evaluation = evaluate(
+            model, parts.eval_loader, parts.device, len(data.classes), parts.amp_dtype, modes
+        )
         metric = _selection_metric(evaluation)
         is_best = metric > progress.best
         progress = Progress(
@@ -292,7 +333,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         )
         if not dist.is_main:
             continue
-        row = _metrics_row(epoch, stats, evaluation, criterion.raw_weights(), peak_memory_mb(device))
+        row = _metrics_row(epoch, stats, evaluation, criterion.raw_weights(), peak_memory_mb(parts.device))
         history.append(row)
         pd.DataFrame(history).to_csv(run_dir / "metrics.csv", index=False)
         _log_epoch(row, data, writer)
@@ -300,7 +341,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             _logger.warning("health: %s", message)
         checkpoint = {key: module.state_dict() for key, module in modules.items()}
         checkpoint.update(
-            schedule=asdict(schedule),
+            schedule=asdict(parts.schedule),
             epoch=epoch,
             global_step=progress.step,
             best_metric=progress.best,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_train import run, tiny_overrides
+from conftest import run, tiny_overrides
 
 from dual_cross_attention.checkpoint import load_checkpoint
 from dual_cross_attention.data.synthetic import DemoSpec, generate_demo_dataset

@@ -13,39 +13,18 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run, tiny_overrides
 from torch import nn
 
 from dual_cross_attention.checkpoint import CheckpointError, load_checkpoint
 from dual_cross_attention.config import load_config
-from dual_cross_attention.data.synthetic import DemoSpec, generate_demo_dataset
 from dual_cross_attention.engine import StepSettings, TrainingDiverged, train_one_epoch
 from dual_cross_attention.losses import DCALLoss, ModelWithLoss
 from dual_cross_attention.models import DualViTOutput
-from dual_cross_attention.trainer import RunExistsError, train
+from dual_cross_attention.trainer import RunExistsError
 
 ROOT = Path(__file__).parents[1]
 TIME_COLUMNS = ["epoch_time_s", "peak_mem_mb"]
-
-
-@pytest.fixture(scope="module")
-def cub_root(tmp_path_factory) -> Path:
-    spec = DemoSpec(seed=1, image_size=32, train_per_class=6, test_per_class=3, num_classes=3)
-    return generate_demo_dataset(tmp_path_factory.mktemp("data") / "cub", spec)
-
-
-def tiny_overrides(cub_root: Path, out: Path, name: str = "t") -> list[str]:
-    return [
-        "data.dataset=cub", f"data.root={cub_root}", "data.img_size=32", "data.resize_size=32",
-        "data.num_workers=0", "model.backbone=deit_tiny_patch16_224", "model.pretrained=false",
-        "model.backbone_kwargs={patch_size: 8, embed_dim: 48, depth: 2, num_heads: 3}",
-        "train.epochs=2", "train.batch_size=4", "train.gradient_accumulation_steps=2", "train.base_lr=1e-3",
-        "train.warmup_epochs=1", "train.device=cpu", f"run.output_dir={out}", f"run.name={name}",
-    ]  # fmt: skip
-
-
-def run(cub_root, tmp_path, *extra, name="t", resume=None):
-    cfg = load_config(None, tiny_overrides(cub_root, tmp_path, name) + list(extra))
-    return train(cfg, resume=resume, show_progress=False)
 
 
 def test_two_epochs_write_metrics_config_and_checkpoints(cub_root, tmp_path):
