@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from dual_cross_attention.config import load_config
 from dual_cross_attention.data.synthetic import DemoSpec, generate_demo_dataset
+from dual_cross_attention.models import DualViTOutput
 from dual_cross_attention.trainer import RunResult, train
 
 # 32 px images, 8 px patches: 16 patches; 3 blocks of width 48.
@@ -48,3 +50,14 @@ def run(cub_root: Path, tmp_path: Path, *extra: str, name: str = "t", resume: st
     """Train the tiny model on ``cub_root`` with ``extra`` overrides, in-process."""
     cfg = load_config(None, tiny_overrides(cub_root, tmp_path, name) + list(extra))
     return train(cfg, resume=resume, show_progress=False)
+
+
+class LinearClassifier(nn.Module):
+    """A linear model that speaks DualViTOutput (SA only): training arithmetic checkable by hand."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> DualViTOutput:
+        return DualViTOutput(sa_logits=self.fc(x), sa_features=x)

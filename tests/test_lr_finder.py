@@ -7,24 +7,13 @@ import copy
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_overrides
-from torch import nn
+from conftest import LinearClassifier, tiny_overrides
 
 from dual_cross_attention.config import load_config
 from dual_cross_attention.losses import DCALLoss, ModelWithLoss
 from dual_cross_attention.lr_finder import find_lr, lr_at, lr_range_test
-from dual_cross_attention.models import DualViTOutput
 
 CPU = torch.device("cpu")
-
-
-class Linear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> DualViTOutput:
-        return DualViTOutput(sa_logits=self.fc(x), sa_features=x)
 
 
 def problem() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -38,7 +27,7 @@ def problem() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def fresh(lr: float = 1e-3) -> tuple[ModelWithLoss, torch.optim.Optimizer]:
     torch.manual_seed(1)
-    module = ModelWithLoss(Linear(), DCALLoss(("sa",), weighting="fixed"))
+    module = ModelWithLoss(LinearClassifier(8, 4), DCALLoss(("sa",), weighting="fixed"))
     return module, torch.optim.AdamW(module.parameters(), lr=lr)
 
 

@@ -13,14 +13,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run, tiny_overrides
-from torch import nn
+from conftest import LinearClassifier, run, tiny_overrides
 
 from dual_cross_attention.checkpoint import CheckpointError, load_checkpoint
 from dual_cross_attention.config import load_config
 from dual_cross_attention.engine import StepSettings, TrainingDiverged, train_one_epoch
 from dual_cross_attention.losses import DCALLoss, ModelWithLoss
-from dual_cross_attention.models import DualViTOutput
 from dual_cross_attention.trainer import RunExistsError
 
 ROOT = Path(__file__).parents[1]
@@ -109,21 +107,10 @@ def test_checkpoint_with_code_is_refused(tmp_path):
         load_checkpoint(tmp_path / "broken.pt")
 
 
-class LinearOutput(nn.Module):
-    """A linear classifier that speaks DualViTOutput, so the accumulation arithmetic is checkable."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> DualViTOutput:
-        return DualViTOutput(sa_logits=self.fc(x), sa_features=x)
-
-
 def test_accumulation_scales_by_the_window_including_a_short_last_one():
     torch.manual_seed(0)
     batches = [(torch.randn(2, 3), torch.randint(0, 2, (2,))) for _ in range(5)]  # windows of 2, 2, 1
-    model = LinearOutput()
+    model = LinearClassifier(3, 2)
     reference = copy.deepcopy(model)
     module = ModelWithLoss(model, DCALLoss(("sa",), weighting="fixed"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
