@@ -214,7 +214,8 @@ def validate(cfg: Config) -> Config:
     if unknown:
         raise ConfigError(f"loss.weights has unknown branches {sorted(unknown)}; valid: sa, glca, pwca")
     if not cfg.lr_find.start < cfg.lr_find.end:
-        raise ConfigError(f"lr_find.start ({cfg.lr_find.start}) must be below lr_find.end ({cfg.lr_find.end})")
+        f = cfg.lr_find
+        raise ConfigError(f"lr_find.start ({f.start}) must be below lr_find.end ({f.end})")
     if not 0.0 <= cfg.lr_find.smoothing < 1.0:
         raise ConfigError(f"lr_find.smoothing must be in [0, 1), got {cfg.lr_find.smoothing}")
     if cfg.lr_find.diverge_factor <= 1.0:
