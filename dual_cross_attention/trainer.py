@@ -36,6 +36,7 @@ from .runtime import (
     resolve_precision,
     seed_everything,
 )
+from .visualize import plot_metrics
 
 _logger = logging.getLogger(__name__)
 
@@ -336,6 +337,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         row = _metrics_row(epoch, stats, evaluation, criterion.raw_weights(), peak_memory_mb(parts.device))
         history.append(row)
         pd.DataFrame(history).to_csv(run_dir / "metrics.csv", index=False)
+        plot_metrics(run_dir / "metrics.csv", run_dir / "curves.png")
         _log_epoch(row, data, writer)
         for message in health_warnings(history, len(data.classes), t.warmup_epochs, progress.initial_weights):
             _logger.warning("health: %s", message)

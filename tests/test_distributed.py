@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from dual_cross_attention.data.synthetic import DemoSpec, generate_demo_dataset
 from dual_cross_attention.distributed import ShardSampler
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,26 @@ def test_two_processes_train_evaluate_once_and_resume_alone(odd_sized_root, tmp_
     for key in rank0:
         assert torch.equal(state["model"][key], rank0[key]), key
     assert state["loss"]["log_vars"].abs().sum() > 0
+    # Evaluation under torchrun counts each of the 9 test images once and agrees with one process.
+    last = tmp_path / "ddp" / "checkpoints" / "last.pt"
+    results = []
+    for launcher in (["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518"], []):
+        out = tmp_path / f"eval{len(launcher)}.json"
+        options = [
+            "--json",
+            str(out),
+            "--throughput-iters",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+        command = [sys.executable, *launcher, str(ROOT / "evaluate.py"), "--checkpoint", str(last), *options]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(json.loads(out.read_text()))
+    assert results[0]["num_images"] == results[1]["num_images"] == 9
+    assert results[0]["sa+glca"] == results[1]["sa+glca"]
     # The two-process checkpoint continues in a single process.
     resumed = run(odd_sized_root, tmp_path, "train.epochs=2", name="ddp", resume="auto")
     assert [row["epoch"] for row in resumed.history] == [0, 1]

@@ -1,0 +1,304 @@
+"""Running a trained checkpoint on images: rebuild the model, class probabilities, top-k on files.
+
+The model is rebuilt from the config stored in the checkpoint, so a checkpoint is all a user
+needs; ``--set`` style overrides change what may differ on another machine (data root,
+device, batch size). Pretrained backbone weights are never loaded here: the checkpoint holds
+every weight, and the pretrained file may not exist where the model is used.
+
+Evaluation (``evaluation.py``) scores the same probabilities on a labelled split; this module
+is also what ``predict.py`` uses on unlabelled files, where an unreadable file is reported and
+skipped so that one bad image never loses the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .builders import build_model, normalization
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config, ConfigError, from_dict, parse_override, validate
+from .data import CorruptImageError, ImagePipeline, build_eval_transform, load_rgb
+from .models.dual_vit import PREDICT_MODES, DualViT, DualViTOutput, combine_probabilities
+from .runtime import autocast, resolve_device, resolve_precision
+
+_logger = logging.getLogger(__name__)
+
+TTA_CHOICES = ("none", "flip")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint's model in eval mode, with what is needed to feed it and name its outputs."""
+
+    model: DualViT
+    config: Config  # the checkpoint's config with the overrides applied
+    classes: list[str]  # class names; index = label
+    device: torch.device
+    amp_dtype: torch.dtype
+    checkpoint: Path
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Inference modes this model can run: all three with GLCA, else only ``sa``."""
+        return PREDICT_MODES if self.model.use_glca else ("sa",)
+
+
+def _assign(raw: dict[str, Any], text: str) -> None:
+    """Apply one ``section.key=value`` (or ``section.mapping.key=value``) override to a config dict.
+
+    Unknown sections and keys are left for ``from_dict``, whose errors list the valid ones.
+    """
+    dotted, value = parse_override(text)
+    parts = dotted.split(".")
+    if len(parts) not in (2, 3):
+        raise ConfigError(f"--set {text}: expected section.key=value or section.mapping.key=value")
+    section = raw.setdefault(parts[0], {})
+    if len(parts) == 2:
+        section[parts[1]] = value
+        return
+    mapping = section.get(parts[1]) if isinstance(section, dict) else None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"--set {text}: {parts[0]}.{parts[1]} is not a mapping in the stored config")
+    mapping[parts[2]] = value
+
+
+def checkpoint_config(state: dict[str, Any], path: Path, overrides: Sequence[str] = ()) -> Config:
+    """The config stored in a checkpoint, with ``overrides`` applied one by one and validated.
+
+    Each override is checked on its own, so an error names the ``--set`` that caused it rather
+    than the checkpoint.
+    """
+    if "config" not in state or "classes" not in state:
+        raise CheckpointError(
+            f"{path} has no stored config or class list; only checkpoints written by train.py can be "
+            "evaluated (last.pt or best.pt of a run)"
+        )
+    cfg = from_dict(state["config"], source=f"config stored in {path}")
+    for text in overrides:
+        raw = copy.deepcopy(cfg.to_dict())
+        _assign(raw, text)
+        cfg = from_dict(raw, source=f"--set {text}")
+    return validate(cfg)
+
+
+def restore_model(state: dict[str, Any], cfg: Config, num_classes: int, path: Path) -> DualViT:
+    """Build the architecture of ``cfg`` and load the checkpoint's weights strictly, in eval mode."""
+    # Every weight comes from the checkpoint; loading pretrained weights first would be wasted
+    # work and would fail where the pretrained file or the network is missing.
+    arch = replace(cfg, model=replace(cfg.model, pretrained=False, pretrained_path=None))
+    model = build_model(arch, num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the weights in {path} do not fit the model built from its config: {err}. If you passed "
+            "--set overrides of model.* or data.img_size, drop them: they change the architecture."
+        ) from err
+    return model.eval()
+
+
+def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> TrainedModel:
+    """Read a training checkpoint and rebuild its model on the configured device (``train.device``)."""
+    path = Path(checkpoint)
+    state = load_checkpoint(path)
+    cfg = checkpoint_config(state, path, overrides)
+    if overrides:
+        _logger.info("config overrides on top of %s: %s", path, " ".join(overrides))
+    device = resolve_device(cfg.train.device)
+    classes = list(state["classes"])
+    model = restore_model(state, cfg, len(classes), path).to(device)
+    return TrainedModel(
+        model=model,
+        config=cfg,
+        classes=classes,
+        device=device,
+        amp_dtype=resolve_precision(cfg.train.precision, device),
+        checkpoint=path,
+    )
+
+
+def eval_transform(cfg: Config) -> ImagePipeline:
+    """The deterministic resize + center-crop + normalize pipeline the run evaluated with."""
+    mean, std = normalization(cfg.model.backbone)
+    return build_eval_transform(cfg.data.img_size, cfg.data.resize_size, mean, std)
+
+
+def check_mode(mode: str, available: Sequence[str]) -> None:
+    """Refuse a mode the model cannot run, saying why (no GLCA branch) rather than failing later."""
+    if mode not in available:
+        reason = " (this model was trained with model.glca: false)" if mode in PREDICT_MODES else ""
+        raise ValueError(f"mode '{mode}' is not available{reason}; choose one of {list(available)}")
+
+
+@torch.no_grad()
+def class_probabilities(
+    model: DualViT,
+    images: torch.Tensor,
+    modes: Sequence[str],
+    tta: str = "none",
+    amp_dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], DualViTOutput]:
+    """Probabilities (B, K) per inference mode, and the model output for the images as given.
+
+    ``sa+glca`` is the paper's rule, softmax(SA) + softmax(GLCA) (values sum to 2). With
+    ``tta='flip'`` each mode's probabilities are averaged over the image and its horizontal
+    mirror. The returned output (rollout, selected patches) is that of the unflipped images.
+    """
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, got '{tta}'")
+    if model.training:
+        raise ValueError("class_probabilities needs the model in eval mode (model.eval()): PWCA and dropout")
+    views = [images] if tta == "none" else [images, images.flip(-1)]  # (B, 3, H, W): flip the width
+    outputs = []
+    for view in views:
+        with autocast(images.device, amp_dtype):
+            outputs.append(model(view))
+    probs = {m: torch.stack([combine_probabilities(o, m) for o in outputs]).mean(dim=0) for m in modes}
+    return probs, outputs[0]
+
+
+def as_distribution(probs: torch.Tensor, mode: str) -> torch.Tensor:
+    """Probabilities that sum to one: ``sa+glca`` sums two softmax outputs, so it is halved
+    (the mean of the two). Ranking is unchanged."""
+    return probs / 2 if mode == "sa+glca" else probs
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that was not predicted, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image."""
+
+    path: Path
+    classes: list[str]  # top-k class names, most probable first
+    probabilities: list[float]  # their probabilities (each mode's output normalised to sum to 1)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def find_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Skipped]]:
+    """Image files named in ``inputs``, recursing into folders; and the inputs that are not images.
+
+    Folders contribute their .jpg/.jpeg/.png/.webp files (any case), sorted; a path given twice
+    is predicted once.
+    """
+    found: list[Path] = []
+    skipped: list[Skipped] = []
+    kinds = "/".join(IMAGE_SUFFIXES)
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images = _images_under(item)
+            if not images:
+                skipped.append(Skipped(item, f"folder holds no {kinds} files"))
+            found += images
+        elif item.is_file() and item.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(item)
+        elif item.is_file():
+            skipped.append(Skipped(item, f"not a {kinds} file"))
+        else:
+            skipped.append(Skipped(item, "no such file or folder"))
+    return list(dict.fromkeys(found)), skipped
+
+
+def _batches(paths: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(paths), size):
+        yield paths[start : start + size]
+
+
+def _decode(
+    paths: Sequence[Path], transform: ImagePipeline
+) -> tuple[list[torch.Tensor], list[Path], list[Skipped]]:
+    """Transformed tensors of the readable files among ``paths``; the others as Skipped."""
+    tensors, kept, skipped = [], [], []
+    for path in paths:
+        try:
+            tensors.append(transform(load_rgb(path)))
+        except (CorruptImageError, OSError) as err:  # undecodable, vanished or unreadable file
+            _logger.warning("skipping %s: %s", path, err)
+            skipped.append(Skipped(path, str(err)))
+            continue
+        kept.append(path)
+    return tensors, kept, skipped
+
+
+def predict_files(
+    trained: TrainedModel,
+    paths: Sequence[Path],
+    mode: str = "sa+glca",
+    top_k: int = 5,
+    batch_size: int = 32,
+    tta: str = "none",
+) -> tuple[list[Prediction], list[Skipped]]:
+    """Top-k classes of each readable image in ``paths``; unreadable files are skipped and returned.
+
+    Args:
+        trained: from ``load_trained``.
+        paths: image files (see ``find_images``).
+        mode: ``sa``, ``glca`` or ``sa+glca``.
+        top_k: classes reported per image; capped at the number of classes (with a warning).
+        batch_size: images per forward pass.
+        tta: ``none`` or ``flip`` (see ``class_probabilities``).
+    """
+    check_mode(mode, trained.modes)
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
+    if top_k > len(trained.classes):
+        _logger.warning("top-k %d > %d classes: reporting all classes", top_k, len(trained.classes))
+        top_k = len(trained.classes)
+    transform = eval_transform(trained.config)
+    predictions: list[Prediction] = []
+    skipped: list[Skipped] = []
+    for chunk in _batches(paths, batch_size):
+        tensors, kept, bad = _decode(chunk, transform)
+        skipped += bad
+        if not kept:
+            continue
+        images = torch.stack(tensors).to(trained.device)
+        probs, _ = class_probabilities(trained.model, images, (mode,), tta, trained.amp_dtype)
+        values, indices = as_distribution(probs[mode], mode).topk(top_k, dim=1)  # (B, k)
+        for path, p, i in zip(kept, values.tolist(), indices.tolist(), strict=True):
+            predictions.append(Prediction(path, [trained.classes[c] for c in i], p))
+    return predictions, skipped
+
+
+def predictions_frame(predictions: Sequence[Prediction]) -> pd.DataFrame:
+    """One row per image: path, class_1, prob_1, ..., class_k, prob_k."""
+    rows = []
+    for p in predictions:
+        row: dict[str, Any] = {"path": str(p.path)}
+        for rank, (name, prob) in enumerate(zip(p.classes, p.probabilities, strict=True), start=1):
+            row[f"class_{rank}"] = name
+            row[f"prob_{rank}"] = prob
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_predictions(predictions: Sequence[Prediction], skipped: Sequence[Skipped]) -> str:
+    """A plain-text report: one line per image, then the skipped inputs with the reason."""
+    lines = []
+    for p in predictions:
+        ranked = "  ".join(
+            f"{name} {prob:.3f}" for name, prob in zip(p.classes, p.probabilities, strict=True)
+        )
+        lines.append(f"{p.path}  {ranked}")
+    if skipped:
+        lines.append(f"skipped {len(skipped)} input(s):")
+        lines += [f"  {s.path}: {s.reason}" for s in skipped]
+    return "\n".join(lines)
