@@ -1,0 +1,273 @@
+"""Check 2, memory: what a DCAL step keeps and computes against the plain ViT, that nothing
+accumulates across steps, that activation checkpointing saves memory, and on CUDA whether the
+configured physical batch fits the device.
+
+The implementation this project replaces kept N x N attention matrices for autograd and ran
+the distractor image twice: 12x the plain ViT's saved bytes and 2.9x its FLOPs (DESIGN
+section 4). The targets below are that section's.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
+
+import torch
+
+from ..cost import count_flops, dcal_loss, plain_loss, plain_vit_like, saved_bytes
+from ..engine import StepSettings, TrainingDiverged, train_one_epoch
+from ..losses import DCALLoss, ModelWithLoss
+from ..models import DualViT
+from ..optim import parameter_groups
+from ..runtime import grad_scaler
+from .result import CheckResult, fmt_ratio, skipped
+
+TRAIN_FLOPS_MAX = 2.5  # DeiT-Tiny at 448 px; fewer tokens sit lower
+TRAIN_FLOPS_MIN = 2.0  # PWCA repeats every block: below this it did not run
+SAVED_BYTES_MAX = 2.3
+CHECKPOINTED_MAX = 0.5  # saved bytes with activation checkpointing over those without
+INFERENCE_FLOPS_MAX = 1.05
+GROWTH_STEPS = 20
+CUDA_FIT_FRACTION = 0.9  # leave room for the allocator's fragmentation and other processes
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Exact cost counts of one training step (and one inference) of a DCAL model and of its plain
+    ViT, same batch. Every field grows linearly with the number of blocks (all blocks cost the
+    same; GLCA is one extra block), which is what lets ``extrapolate_costs`` scale them."""
+
+    dcal_train_flops: float
+    plain_train_flops: float
+    dcal_saved_bytes: float
+    plain_saved_bytes: float
+    dcal_checkpointed_bytes: float  # DCAL with activation checkpointing
+    dcal_inference_flops: float
+    plain_inference_flops: float
+
+
+def measure_costs(model: DualViT, images: torch.Tensor, labels: torch.Tensor) -> StepCosts:
+    """FLOPs (math attention) and bytes saved for backward, counted as the cost benchmarks do.
+    Leaves ``model`` in training mode without gradients.
+
+    ``cost.saved_bytes`` packs each saved tensor as itself, which for a tensor saved by the node
+    that produced it (softmax, GELU outputs) makes a cycle through autograd's C++ graph that
+    Python's garbage collector cannot free: each call leaves its activations allocated until the
+    process ends (packing ``tensor.detach()`` there avoids it). ``suite.memory_checks`` therefore
+    runs this after the checks that measure memory.
+    """
+    plain = plain_vit_like(model)
+    plain.train()
+    model.train()
+    was = model.grad_checkpointing
+    try:
+        model.grad_checkpointing = False
+        dcal_train = count_flops(lambda: dcal_loss(model, images, labels).backward())
+        dcal_bytes = saved_bytes(lambda: dcal_loss(model, images, labels))
+        model.grad_checkpointing = True
+        checkpointed = saved_bytes(lambda: dcal_loss(model, images, labels))
+    finally:
+        model.grad_checkpointing = was
+    plain_train = count_flops(lambda: plain_loss(plain, images, labels).backward())
+    plain_bytes = saved_bytes(lambda: plain_loss(plain, images, labels))
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        dcal_inference = count_flops(lambda: model(images))
+        plain_inference = count_flops(lambda: plain(images))
+    model.train()
+    model.zero_grad(set_to_none=True)
+    return StepCosts(
+        dcal_train, plain_train, dcal_bytes, plain_bytes, checkpointed, dcal_inference, plain_inference
+    )
+
+
+def extrapolate_costs(one_block: StepCosts, two_blocks: StepCosts, depth: int) -> StepCosts:
+    """The costs at ``depth`` blocks from those at 1 and 2 blocks: c(L) = c(1) + (L - 1)(c(2) - c(1))."""
+    return StepCosts(
+        *(a + (depth - 1) * (b - a) for a, b in zip(astuple(one_block), astuple(two_blocks), strict=True))
+    )
+
+
+def check_cost_ratios(costs: StepCosts, note: str, uses_pwca: bool = True) -> list[CheckResult]:
+    """Train-step FLOPs, bytes saved for backward and inference FLOPs over the plain ViT."""
+    train = costs.dcal_train_flops / costs.plain_train_flops
+    kept = costs.dcal_saved_bytes / costs.plain_saved_bytes
+    inference = costs.dcal_inference_flops / costs.plain_inference_flops
+    low = TRAIN_FLOPS_MIN if uses_pwca else 1.0
+    return [
+        CheckResult(
+            "memory.train_flops",
+            low <= train <= TRAIN_FLOPS_MAX,
+            f"{fmt_ratio(train)} of the plain ViT ({note})",
+            f"{low:g}x to {TRAIN_FLOPS_MAX}x" + (" (PWCA repeats every block)" if uses_pwca else ""),
+        ),
+        CheckResult(
+            "memory.saved_bytes",
+            kept <= SAVED_BYTES_MAX,
+            f"{fmt_ratio(kept)} of the plain ViT ({note})",
+            f"<= {SAVED_BYTES_MAX}x (no N x N attention kept for autograd; the old code: 12x)",
+        ),
+        CheckResult(
+            "memory.inference_flops",
+            inference <= INFERENCE_FLOPS_MAX,
+            f"{fmt_ratio(inference)} of the plain ViT ({note})",
+            f"<= {INFERENCE_FLOPS_MAX}x (no PWCA, rollout reuses the maps)",
+        ),
+    ]
+
+
+def check_checkpointing(costs: StepCosts, note: str) -> CheckResult:
+    """Activation checkpointing must cut the bytes autograd keeps (the fix for out-of-memory at 448 px)."""
+    ratio = costs.dcal_checkpointed_bytes / costs.dcal_saved_bytes
+    return CheckResult(
+        "memory.checkpointing",
+        ratio <= CHECKPOINTED_MAX,
+        f"{fmt_ratio(ratio)} of the saved bytes without it ({costs.dcal_checkpointed_bytes / 2**20:.1f} of "
+        f"{costs.dcal_saved_bytes / 2**20:.1f} MiB; {note})",
+        f"<= {CHECKPOINTED_MAX}x",
+    )
+
+
+@dataclass(frozen=True)
+class Census:
+    """What is alive between two training steps."""
+
+    tensors: int  # tensor objects Python can reach
+    tensor_bytes: int  # bytes of their distinct storages
+    device_bytes: int  # torch.cuda.memory_allocated on CUDA, else 0
+
+    def describe(self) -> str:
+        text = f"{self.tensors} tensors, {self.tensor_bytes / 2**20:.2f} MiB"
+        return text + (f", {self.device_bytes / 2**20:.1f} MiB on the GPU" if self.device_bytes else "")
+
+
+def take_census(device: torch.device) -> Census:
+    """Count live tensors after a full garbage collection. Deterministic on any device, unlike
+    the process's resident memory, which the allocator does not return to the system."""
+    gc.collect()
+    count, storages = 0, {}
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):  # type(), not isinstance: no __class__ lookups
+            continue
+        count += 1
+        if obj.layout == torch.strided and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    return Census(tensors=count, tensor_bytes=sum(storages.values()), device_bytes=allocated)
+
+
+class CensusLoader:
+    """Yields the same batch ``steps + 1`` times; before the batch after step s (for s in
+    ``census_after``) it takes a census. With accumulation 1 each batch is one optimizer step, and
+    the training loop is still running, so anything its own locals accumulate is counted too."""
+
+    def __init__(
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        steps: int,
+        census_after: set[int],
+        device: torch.device,
+    ) -> None:
+        self.batch, self.steps, self.census_after, self.device = batch, steps, census_after, device
+        self.censuses: dict[int, Census] = {}
+
+    def __len__(self) -> int:
+        return self.steps + 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for done in range(self.steps + 1):
+            if done in self.census_after:
+                self.censuses[done] = take_census(self.device)
+            yield self.batch
+
+
+def train_steps(
+    model: DualViT,
+    criterion: DCALLoss,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    amp_dtype: torch.dtype,
+    lr: float,
+    steps: int,
+    census_after: set[int] | None = None,
+) -> dict[int, Census]:
+    """``steps`` optimizer steps on ``batch`` through the real training loop (``train_one_epoch``,
+    AdamW over the trainer's parameter groups); the census after each step in ``census_after``.
+    Raises TrainingDiverged."""
+    module = ModelWithLoss(model, criterion)
+    optimizer = torch.optim.AdamW(parameter_groups({"model": model, "loss": criterion}, 0.05), lr=lr)
+    settings = StepSettings(
+        accumulation=1, clip_grad=1.0, max_bad_steps=1, empty_cache_every=0, log_every=steps,
+        amp_dtype=amp_dtype, show_progress=False,
+    )  # fmt: skip
+    loader = CensusLoader(batch, steps, census_after or set(), device)
+    scaler = grad_scaler(device, amp_dtype)
+    train_one_epoch(module, loader, optimizer, scaler, device, lambda _: lr, 0, settings)
+    return loader.censuses
+
+
+def census_steps(steps: int) -> list[int]:
+    """After step 2 (step 1 creates the optimizer state), halfway, and at the end: a per-step leak
+    shows at all three, and a census costs a full garbage collection."""
+    return sorted({2, (steps + 2) // 2, steps})
+
+
+def check_memory_growth(
+    model: DualViT,
+    criterion: DCALLoss,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    amp_dtype: torch.dtype = torch.float32,
+    lr: float = 1e-4,
+    steps: int = GROWTH_STEPS,
+) -> CheckResult:
+    """What is alive between optimizer steps must not change from step 2 on: a list that grows by
+    a loss or an attention map per step, or a graph kept alive, shows up here."""
+    if steps < 3:
+        raise ValueError(f"the growth check needs at least 3 steps to compare, got {steps}")
+    when = census_steps(steps)
+    expected = f"equal after steps {', '.join(map(str, when))} of {steps} (nothing kept across steps)"
+    try:
+        censuses = train_steps(model, criterion, batch, device, amp_dtype, lr, steps, set(when))
+    except TrainingDiverged as err:
+        return CheckResult("memory.no_growth", False, f"training diverged: {err}", expected)
+    steady = len({censuses[s] for s in when}) == 1
+    measured = "; ".join(f"after step {s}: {censuses[s].describe()}" for s in when)
+    return CheckResult("memory.no_growth", steady, measured, expected)
+
+
+CUDA_PEAK = "memory.cuda_peak"
+CUDA_PEAK_EXPECTED = f"<= {CUDA_FIT_FRACTION:.0%} of the device's memory"
+
+
+def cuda_peak_not_measured(device: torch.device) -> CheckResult:
+    return skipped(
+        CUDA_PEAK, f"device is {device.type}; run with --device cuda on the GPU machine", CUDA_PEAK_EXPECTED
+    )
+
+
+def check_cuda_peak(
+    model: DualViT,
+    criterion: DCALLoss,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    device: torch.device,
+    amp_dtype: torch.dtype,
+    note: str,
+) -> CheckResult:
+    """Peak allocated CUDA memory of two optimizer steps at the configured physical batch and image
+    size (the second step holds the optimizer state), against the device's memory."""
+    if device.type != "cuda":
+        raise ValueError(f"the peak-memory check measures CUDA memory; got device {device}")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    train_steps(model, criterion, batch, device, amp_dtype, lr=1e-4, steps=2)
+    peak = torch.cuda.max_memory_allocated(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    measured = (
+        f"{peak / 2**30:.2f} GiB of {total / 2**30:.1f} GiB ({peak / total:.0%}; {note}, "
+        f"batch {batch[0].shape[0]}, {str(amp_dtype).removeprefix('torch.')})"
+    )
+    return CheckResult(CUDA_PEAK, peak <= CUDA_FIT_FRACTION * total, measured, CUDA_PEAK_EXPECTED)
