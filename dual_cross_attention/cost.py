@@ -36,7 +36,9 @@ def saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage  # holding it keeps the address from being reused
-        return tensor
+        # Detached: returning the tensor itself ties outputs saved by their own node into a
+        # reference cycle through the autograd graph, which leaks the activations of every call.
+        return tensor.detach()
 
     with saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = forward()

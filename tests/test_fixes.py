@@ -73,13 +73,14 @@ def statuses(results: list[CheckResult]) -> dict[str, str]:
 def test_lr_checks_pass_for_the_shipped_recipe():
     results = by_name(lr_checks(load_config(RECIPE).train))
     assert {r.status for r in results.values()} == {"PASS"}, [format_result(r) for r in results.values()]
-    assert results["lr.config"].measured.startswith("0.0005 (sqrt rule, effective batch 16 = 2 x 8")
+    assert results["lr.config"].measured.startswith("0.0005 (lr_scaling sqrt, effective batch 16 = 2 x 8")
 
 
 @pytest.mark.parametrize(
     "override, failing, shown",
     [
-        ("train.lr_scaling=linear", "lr.config", "1.5625e-05 (linear rule"),  # the paper's rule at batch 16
+        # the paper's rule at batch 16
+        ("train.lr_scaling=linear", "lr.config", "1.5625e-05 (lr_scaling linear"),
         ("train.warmup_epochs=0", "lr.warmup", "no warmup"),
     ],
 )

@@ -62,7 +62,7 @@ def check_config_lr(train: TrainConfig) -> CheckResult:
     batch = effective_batch(train)
     lr, _ = scaled_lr(train.base_lr, batch, train.lr_scaling)
     measured = (
-        f"{lr:.6g} ({train.lr_scaling} rule, effective batch {batch} = {train.batch_size} x "
+        f"{lr:.6g} (lr_scaling {train.lr_scaling}, effective batch {batch} = {train.batch_size} x "
         f"{train.gradient_accumulation_steps} accumulation, 1 process)"
     )
     sqrt_lr = train.base_lr * math.sqrt(batch / REFERENCE_BATCH)

@@ -31,7 +31,7 @@ def skipped(name: str, reason: str, expected: str) -> CheckResult:
 
 def format_result(result: CheckResult) -> str:
     """``PASS  lr.sqrt_rule  measured: ...  expected: ...`` (one line per check)."""
-    return f"{result.status}  {result.name:<27} measured: {result.measured}  |  expected: {result.expected}"
+    return f"{result.status}  {result.name:<30} measured: {result.measured}  |  expected: {result.expected}"
 
 
 def fmt_ratio(value: float) -> str:
