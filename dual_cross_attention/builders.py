@@ -1,4 +1,5 @@
-"""The one place where the config becomes objects: model, loss, datasets and loaders.
+"""The one place where the config becomes objects: model, loss, datasets, loaders, LR schedule,
+optimizer, and the bundle of them a training step needs.
 
 Modules below this take explicit arguments and never see the config.
 """
@@ -6,18 +7,23 @@ Modules below this take explicit arguments and never see the config.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .config import Config
-from .data import build_splits
-from .data.transforms import build_eval_transform, build_train_transform
-from .distributed import DistInfo, ShardSampler
-from .losses import DCALLoss
+from .config import Config, DataConfig, TrainConfig
+from .data import ImageDataset, build_dataset, build_splits
+from .data.transforms import ImagePipeline, build_eval_transform, build_train_transform
+from .distributed import DistInfo, ShardSampler, main_process_first, process_device
+from .losses import DCALLoss, ModelWithLoss
 from .models import DualViT
+from .optim import Schedule, parameter_groups, scaled_lr
+from .runtime import grad_scaler, maybe_empty_cache, resolve_device, resolve_precision, seed_everything
 
 _logger = logging.getLogger(__name__)
 
@@ -69,25 +75,43 @@ def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
 
 
+def _dataset_options(d: DataConfig) -> dict[str, Any]:
+    """The keyword arguments every split of the configured dataset is loaded with."""
+    options: dict[str, Any] = dict(val_fraction=d.val_fraction, val_seed=d.val_seed, skip_corrupt=d.skip_corrupt)
+    if d.dataset == "aircraft":
+        options.update(level=d.level, crop_banner=d.crop_banner)
+    return options
+
+
+def build_eval_transform_for(cfg: Config) -> ImagePipeline:
+    """The deterministic resize + center-crop + normalize pipeline a run evaluates with."""
+    mean, std = normalization(cfg.model.backbone)
+    return build_eval_transform(cfg.data.img_size, cfg.data.resize_size, mean, std)
+
+
 def build_datasets(cfg: Config) -> DataBundle:
     """Train and model-selection datasets with their transforms (val when there is one, else test)."""
     d = cfg.data
     mean, std = normalization(cfg.model.backbone)
-    options = {"level": d.level, "crop_banner": d.crop_banner} if d.dataset == "aircraft" else {}
     splits = build_splits(
         d.dataset,
         d.root,
         build_train_transform(d.img_size, d.resize_size, mean, std),
-        build_eval_transform(d.img_size, d.resize_size, mean, std),
-        val_fraction=d.val_fraction,
-        val_seed=d.val_seed,
-        skip_corrupt=d.skip_corrupt,
-        **options,
+        build_eval_transform_for(cfg),
+        **_dataset_options(d),
     )
     evaluation, eval_split = (splits.val, "val") if splits.val is not None else (splits.test, "test")
     return DataBundle(
         train=splits.train, eval=evaluation, eval_split=eval_split, classes=list(splits.train.classes)
     )
+
+
+def build_eval_split(cfg: Config, split: str) -> ImageDataset:
+    """Split ``split`` of the configured dataset with the eval transform, loaded with the options
+    training used (val carve-out and seed, aircraft level and banner crop, skip_corrupt), so
+    'val' here is the very split the run selected its model on."""
+    d = cfg.data
+    return build_dataset(d.dataset, d.root, split, build_eval_transform_for(cfg), **_dataset_options(d))
 
 
 def build_loaders(
@@ -128,3 +152,86 @@ def start_epoch(loader: DataLoader, epoch: int, epoch_seed: int) -> None:
         loader.sampler.set_epoch(epoch)
     else:
         loader.generator.manual_seed(epoch_seed)
+
+
+def effective_batch(train: TrainConfig, world_size: int) -> int:
+    """Images per optimizer step over all processes: batch x accumulation x processes."""
+    return train.batch_size * train.gradient_accumulation_steps * world_size
+
+
+def build_schedule(train: TrainConfig, batches_per_epoch: int, world_size: int) -> tuple[Schedule, str]:
+    """The warmup + cosine LR schedule of a run and a sentence for the log: the global effective
+    batch, the LR rule and the LR it gives, optimizer steps per epoch, warmup and total steps.
+
+    Args:
+        batches_per_epoch: micro-batches each process takes per epoch (the last accumulation
+            window of an epoch may be shorter; it is still one optimizer step).
+    """
+    batch = effective_batch(train, world_size)
+    peak_lr, rule = scaled_lr(train.base_lr, batch, train.lr_scaling)
+    steps_per_epoch = math.ceil(batches_per_epoch / train.gradient_accumulation_steps)
+    schedule = Schedule(
+        peak_lr, train.min_lr, round(train.warmup_epochs * steps_per_epoch), train.epochs * steps_per_epoch
+    )
+    processes = f" x {world_size} processes" if world_size > 1 else ""
+    text = (
+        f"effective batch {batch} = {train.batch_size} x {train.gradient_accumulation_steps} accumulation"
+        f"{processes}; LR {peak_lr:.4g} ({rule}); {steps_per_epoch} optimizer steps/epoch, "
+        f"warmup {schedule.warmup_steps}, total {schedule.total_steps}"
+    )
+    return schedule, text
+
+
+@dataclass
+class TrainingParts:
+    """Everything a training step needs, built from the config (shared by training and the LR finder)."""
+
+    device: torch.device
+    amp_dtype: torch.dtype
+    data: DataBundle
+    model: DualViT
+    criterion: DCALLoss
+    step_module: torch.nn.Module  # ModelWithLoss, wrapped in DDP under torchrun
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def build_training(cfg: Config, dist: DistInfo) -> TrainingParts:
+    """Data, model, loss, loaders, LR schedule, optimizer and scaler; logs what the run will do."""
+    t = cfg.train
+    device = process_device(resolve_device(t.device), dist)
+    amp_dtype = resolve_precision(t.precision, device)
+    seed_everything(t.seed)
+    with main_process_first(dist):  # rank 0 generates the demo set before the others read it
+        data = build_datasets(cfg)
+    model = build_model(cfg, len(data.classes)).to(device)
+    criterion = build_loss(cfg).to(device)
+    maybe_empty_cache(device)
+    train_loader, eval_loader = build_loaders(cfg, data, device, t.seed, dist)
+    schedule, described = build_schedule(t, len(train_loader), dist.world_size)
+    _logger.info(
+        "device %s, precision %s; %d train / %d %s images, %d classes; %s", device,
+        str(amp_dtype).removeprefix("torch."), len(data.train), len(data.eval), data.eval_split,
+        len(data.classes), described,
+    )  # fmt: skip
+    groups = parameter_groups({"model": model, "loss": criterion}, t.weight_decay)
+    step_module: torch.nn.Module = ModelWithLoss(model, criterion)
+    if dist.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        step_module = DistributedDataParallel(step_module, device_ids=device_ids)
+    return TrainingParts(
+        device=device,
+        amp_dtype=amp_dtype,
+        data=data,
+        model=model,
+        criterion=criterion,
+        step_module=step_module,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        schedule=schedule,
+        optimizer=torch.optim.AdamW(groups, lr=schedule.peak_lr),
+        scaler=grad_scaler(device, amp_dtype),
+    )

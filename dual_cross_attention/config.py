@@ -6,8 +6,10 @@ is silently ignored trains the wrong experiment for days.
 
 from __future__ import annotations
 
+import copy
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -225,7 +227,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+def set_value(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    """Set ``section.key`` (or ``section.mapping.key``) of ``cfg`` in place, coercing ``value`` to the
+    key's type; an unknown section or key is an error that lists the valid ones, naming ``source``."""
     parts = dotted.split(".")
     sections = [f.name for f in fields(cfg)]
     if parts[0] not in sections:
@@ -258,7 +262,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                 raise ConfigError(f"{source}: unknown section '{section}'; valid sections: {valid}")
             raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
         for key, value in values.items():
-            _set(cfg, f"{section}.{key}", value, source)
+            set_value(cfg, f"{section}.{key}", value, source)
     return cfg
 
 
@@ -275,7 +279,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A validated copy of ``cfg`` with ``--set`` style ``section.key=value`` overrides applied in
+    order; an error names the override that caused it."""
+    cfg = copy.deepcopy(cfg)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_value(cfg, key, value, source=f"--set {text}")
+    return validate(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file <- ``--set`` overrides, then validation."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -284,8 +298,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file not found: {file}")
         with file.open() as handle:
             raw = yaml.safe_load(handle) or {}
-    cfg = from_dict(raw, source=str(path) if path else "config")
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set(cfg, key, value, source=f"--set {text}")
-    return validate(cfg)
+    return apply_overrides(from_dict(raw, source=str(path) if path else "config"), overrides)

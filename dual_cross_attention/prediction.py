@@ -12,7 +12,6 @@ skipped so that one bad image never loses the rest of the batch.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -24,7 +23,7 @@ import torch
 
 from .builders import build_model, normalization
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import Config, ConfigError, from_dict, parse_override, validate
+from .config import Config, apply_overrides, from_dict
 from .data import CorruptImageError, ImagePipeline, build_eval_transform, load_rgb
 from .models.dual_vit import PREDICT_MODES, DualViT, DualViTOutput, combine_probabilities
 from .runtime import autocast, resolve_device, resolve_precision
@@ -52,42 +51,15 @@ class TrainedModel:
         return PREDICT_MODES if self.model.use_glca else ("sa",)
 
 
-def _assign(raw: dict[str, Any], text: str) -> None:
-    """Apply one ``section.key=value`` (or ``section.mapping.key=value``) override to a config dict.
-
-    Unknown sections and keys are left for ``from_dict``, whose errors list the valid ones.
-    """
-    dotted, value = parse_override(text)
-    parts = dotted.split(".")
-    if len(parts) not in (2, 3):
-        raise ConfigError(f"--set {text}: expected section.key=value or section.mapping.key=value")
-    section = raw.setdefault(parts[0], {})
-    if len(parts) == 2:
-        section[parts[1]] = value
-        return
-    mapping = section.get(parts[1]) if isinstance(section, dict) else None
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"--set {text}: {parts[0]}.{parts[1]} is not a mapping in the stored config")
-    mapping[parts[2]] = value
-
-
 def checkpoint_config(state: dict[str, Any], path: Path, overrides: Sequence[str] = ()) -> Config:
-    """The config stored in a checkpoint, with ``overrides`` applied one by one and validated.
-
-    Each override is checked on its own, so an error names the ``--set`` that caused it rather
-    than the checkpoint.
-    """
+    """The config stored in a checkpoint, with ``overrides`` applied and validated; an error
+    names the ``--set`` that caused it rather than the checkpoint."""
     if "config" not in state or "classes" not in state:
         raise CheckpointError(
             f"{path} has no stored config or class list; only checkpoints written by train.py can be "
             "evaluated (last.pt or best.pt of a run)"
         )
-    cfg = from_dict(state["config"], source=f"config stored in {path}")
-    for text in overrides:
-        raw = copy.deepcopy(cfg.to_dict())
-        _assign(raw, text)
-        cfg = from_dict(raw, source=f"--set {text}")
-    return validate(cfg)
+    return apply_overrides(from_dict(state["config"], source=f"config stored in {path}"), overrides)
 
 
 def restore_model(state: dict[str, Any], cfg: Config, num_classes: int, path: Path) -> DualViT:

@@ -177,24 +177,6 @@ def _restore(
     return progress
 
 
-def _build_schedule(cfg: Config, batches_per_epoch: int, world_size: int) -> tuple[Schedule, str]:
-    """The LR schedule and a sentence for the log: global effective batch, LR rule, LR, steps."""
-    t = cfg.train
-    effective_batch = t.batch_size * t.gradient_accumulation_steps * world_size
-    peak_lr, rule = scaled_lr(t.base_lr, effective_batch, t.lr_scaling)
-    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps)
-    schedule = Schedule(
-        peak_lr, t.min_lr, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch
-    )
-    processes = f" x {world_size} processes" if world_size > 1 else ""
-    text = (
-        f"effective batch {effective_batch} = {t.batch_size} x {t.gradient_accumulation_steps} accumulation"
-        f"{processes}; LR {peak_lr:.4g} ({rule}); {steps_per_epoch} optimizer steps/epoch, "
-        f"warmup {schedule.warmup_steps}, total {schedule.total_steps}"
-    )
-    return schedule, text
-
-
 def _step_settings(cfg: Config, amp_dtype: torch.dtype, show_progress: bool) -> StepSettings:
     t = cfg.train
     return StepSettings(
@@ -225,61 +207,6 @@ def _open_run(
     else:
         logging.getLogger("dual_cross_attention").setLevel(logging.WARNING)  # rank 0 speaks for all
     return run_dir, state, resume_path
-
-
-@dataclass
-class TrainingParts:
-    """Everything a training step needs, built from the config (shared by train and the LR finder)."""
-
-    device: torch.device
-    amp_dtype: torch.dtype
-    data: DataBundle
-    model: DualViT
-    criterion: DCALLoss
-    step_module: torch.nn.Module  # ModelWithLoss, wrapped in DDP under torchrun
-    train_loader: DataLoader
-    eval_loader: DataLoader
-    schedule: Schedule
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-
-
-def build_training(cfg: Config, dist: DistInfo) -> TrainingParts:
-    """Data, model, loss, loaders, LR schedule, optimizer and scaler; logs what the run will do."""
-    t = cfg.train
-    device = process_device(resolve_device(t.device), dist)
-    amp_dtype = resolve_precision(t.precision, device)
-    seed_everything(t.seed)
-    with main_process_first(dist):  # rank 0 generates the demo set before the others read it
-        data = build_datasets(cfg)
-    model = build_model(cfg, len(data.classes)).to(device)
-    criterion = build_loss(cfg).to(device)
-    maybe_empty_cache(device)
-    train_loader, eval_loader = build_loaders(cfg, data, device, t.seed, dist)
-    schedule, described = _build_schedule(cfg, len(train_loader), dist.world_size)
-    _logger.info(
-        "device %s, precision %s; %d train / %d %s images, %d classes; %s", device,
-        str(amp_dtype).removeprefix("torch."), len(data.train), len(data.eval), data.eval_split,
-        len(data.classes), described,
-    )  # fmt: skip
-    groups = parameter_groups({"model": model, "loss": criterion}, t.weight_decay)
-    step_module: torch.nn.Module = ModelWithLoss(model, criterion)
-    if dist.enabled:
-        device_ids = [device.index] if device.type == "cuda" else None
-        step_module = DistributedDataParallel(step_module, device_ids=device_ids)
-    return TrainingParts(
-        device=device,
-        amp_dtype=amp_dtype,
-        data=data,
-        model=model,
-        criterion=criterion,
-        step_module=step_module,
-        train_loader=train_loader,
-        eval_loader=eval_loader,
-        schedule=schedule,
-        optimizer=torch.optim.AdamW(groups, lr=schedule.peak_lr),
-        scaler=grad_scaler(device, amp_dtype),
-    )
 
 
 def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> RunResult:

@@ -9,6 +9,7 @@ are checked: accuracy rises, the loss stays finite, no branch collapses.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config, from_dict, validate
+from ..config import Config, set_value, validate
 from ..data.synthetic import DemoSpec, generate_demo_dataset
 from ..trainer import train
 from .result import CheckResult
@@ -58,11 +59,10 @@ class LearningSpec:
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """A validated copy of ``cfg`` with dotted ``section.key`` values replaced (strict, as --set)."""
-    raw = cfg.to_dict()
+    cfg = copy.deepcopy(cfg)
     for dotted, value in overrides.items():
-        section, key = dotted.split(".", 1)
-        raw.setdefault(section, {})[key] = value
-    return validate(from_dict(raw, source="learning check overrides"))
+        set_value(cfg, dotted, value, source="learning check overrides")
+    return validate(cfg)
 
 
 @contextlib.contextmanager
