@@ -77,13 +77,15 @@ def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def _dataset_options(d: DataConfig) -> dict[str, Any]:
     """The keyword arguments every split of the configured dataset is loaded with."""
-    options: dict[str, Any] = dict(val_fraction=d.val_fraction, val_seed=d.val_seed, skip_corrupt=d.skip_corrupt)
+    options: dict[str, Any] = dict(
+        val_fraction=d.val_fraction, val_seed=d.val_seed, skip_corrupt=d.skip_corrupt
+    )
     if d.dataset == "aircraft":
         options.update(level=d.level, crop_banner=d.crop_banner)
     return options
 
 
-def build_eval_transform_for(cfg: Config) -> ImagePipeline:
+def build_eval_pipeline(cfg: Config) -> ImagePipeline:
     """The deterministic resize + center-crop + normalize pipeline a run evaluates with."""
     mean, std = normalization(cfg.model.backbone)
     return build_eval_transform(cfg.data.img_size, cfg.data.resize_size, mean, std)
@@ -97,7 +99,7 @@ def build_datasets(cfg: Config) -> DataBundle:
         d.dataset,
         d.root,
         build_train_transform(d.img_size, d.resize_size, mean, std),
-        build_eval_transform_for(cfg),
+        build_eval_pipeline(cfg),
         **_dataset_options(d),
     )
     evaluation, eval_split = (splits.val, "val") if splits.val is not None else (splits.test, "test")
@@ -111,7 +113,7 @@ def build_eval_split(cfg: Config, split: str) -> ImageDataset:
     training used (val carve-out and seed, aircraft level and banner crop, skip_corrupt), so
     'val' here is the very split the run selected its model on."""
     d = cfg.data
-    return build_dataset(d.dataset, d.root, split, build_eval_transform_for(cfg), **_dataset_options(d))
+    return build_dataset(d.dataset, d.root, split, build_eval_pipeline(cfg), **_dataset_options(d))
 
 
 def build_loaders(

@@ -28,12 +28,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .builders import normalization
+from .builders import build_eval_split, normalization
 from .config import Config
-from .data import ImageDataset, build_dataset
+from .data import ImageDataset
 from .distributed import DistInfo, ShardSampler, all_reduce_sum, init_distributed
 from .models.dual_vit import PREDICT_MODES
-from .prediction import TTA_CHOICES, TrainedModel, class_probabilities, eval_transform, load_trained
+from .prediction import TTA_CHOICES, TrainedModel, class_probabilities, load_trained
 from .runtime import autocast
 from .visualize import AttentionExample, draw_attention_grid, draw_confusion
 
@@ -45,26 +45,6 @@ TOP_K = 5
 
 class ClassMismatchError(ValueError):
     """The dataset's classes are not the ones the checkpoint was trained on."""
-
-
-def build_eval_split(cfg: Config, split: str) -> ImageDataset:
-    """Split ``split`` of the configured dataset with the eval transform, as training built it.
-
-    The same options as ``builders.build_datasets`` (val carve-out and seed, aircraft level and
-    banner crop, skip_corrupt), so 'val' here is the very split the run selected its model on.
-    """
-    d = cfg.data
-    options = {"level": d.level, "crop_banner": d.crop_banner} if d.dataset == "aircraft" else {}
-    return build_dataset(
-        d.dataset,
-        d.root,
-        split,
-        eval_transform(cfg),
-        val_fraction=d.val_fraction,
-        val_seed=d.val_seed,
-        skip_corrupt=d.skip_corrupt,
-        **options,
-    )
 
 
 def check_classes(expected: Sequence[str], dataset: ImageDataset, checkpoint: Path, root: str) -> None:

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .builders import build_training, effective_batch
 from .config import Config
 from .distributed import all_reduce_sum, init_distributed
 from .engine import micro_step, optimizer_step, unwrap
@@ -190,8 +191,6 @@ def find_lr(cfg: Config) -> tuple[LRFindResult, float, str]:
 
     Returns the result with the peak LR the config would use and the rule behind it.
     """
-    from .trainer import build_training  # the trainer builds; this module only measures
-
     dist = init_distributed(resolve_device(cfg.train.device))
     parts = build_training(cfg, dist)
     f, t = cfg.lr_find, cfg.train
@@ -200,8 +199,7 @@ def find_lr(cfg: Config) -> tuple[LRFindResult, float, str]:
         t.gradient_accumulation_steps, t.clip_grad, start=f.start, end=f.end, steps=f.steps,
         beta=f.smoothing, diverge_factor=f.diverge_factor,
     )  # fmt: skip
-    effective_batch = t.batch_size * t.gradient_accumulation_steps * dist.world_size
-    config_lr, rule = scaled_lr(t.base_lr, effective_batch, t.lr_scaling)
+    config_lr, rule = scaled_lr(t.base_lr, effective_batch(t, dist.world_size), t.lr_scaling)
     if dist.is_main:
         csv, png = write_report(result, Path(cfg.run.output_dir) / cfg.run.name, config_lr, t.lr_scaling)
         _logger.info("LR finder wrote %s and %s", csv, png)

@@ -21,10 +21,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .builders import build_model, normalization
+from .builders import build_eval_pipeline, build_model
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, apply_overrides, from_dict
-from .data import CorruptImageError, ImagePipeline, build_eval_transform, load_rgb
+from .data import CorruptImageError, ImagePipeline, load_rgb
 from .models.dual_vit import PREDICT_MODES, DualViT, DualViTOutput, combine_probabilities
 from .runtime import autocast, resolve_device, resolve_precision
 
@@ -96,12 +96,6 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Train
         amp_dtype=resolve_precision(cfg.train.precision, device),
         checkpoint=path,
     )
-
-
-def eval_transform(cfg: Config) -> ImagePipeline:
-    """The deterministic resize + center-crop + normalize pipeline the run evaluated with."""
-    mean, std = normalization(cfg.model.backbone)
-    return build_eval_transform(cfg.data.img_size, cfg.data.resize_size, mean, std)
 
 
 def check_mode(mode: str, available: Sequence[str]) -> None:
@@ -234,7 +228,7 @@ def predict_files(
     if top_k > len(trained.classes):
         _logger.warning("top-k %d > %d classes: reporting all classes", top_k, len(trained.classes))
         top_k = len(trained.classes)
-    transform = eval_transform(trained.config)
+    transform = build_eval_pipeline(trained.config)
     predictions: list[Prediction] = []
     skipped: list[Skipped] = []
     for chunk in _batches(paths, batch_size):

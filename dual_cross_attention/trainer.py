@@ -15,25 +15,18 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-from .builders import DataBundle, build_datasets, build_loaders, build_loss, build_model, start_epoch
+from .builders import DataBundle, build_training, start_epoch
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import Config, from_dict
-from .distributed import DistInfo, barrier, init_distributed, main_process_first, process_device
+from .distributed import DistInfo, barrier, init_distributed
 from .engine import EvalResult, StepSettings, TrainingDiverged, evaluate, train_one_epoch
 from .health import health_warnings
-from .losses import DCALLoss, ModelWithLoss
-from .models import DualViT
-from .optim import Schedule, parameter_groups, scaled_lr
+from .optim import Schedule
 from .runtime import (
-    grad_scaler,
-    maybe_empty_cache,
     peak_memory_mb,
     reset_peak_memory,
     resolve_device,
-    resolve_precision,
     seed_everything,
 )
 from .visualize import plot_metrics
