@@ -20,7 +20,7 @@ from dual_cross_attention.config import ConfigError
 from dual_cross_attention.data import DataError
 from dual_cross_attention.distributed import cleanup
 from dual_cross_attention.evaluation import evaluate_checkpoint, format_report, write_json
-from dual_cross_attention.prediction import TTA_CHOICES
+from dual_cross_attention.inference import TTA_CHOICES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

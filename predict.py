@@ -15,9 +15,9 @@ import sys
 
 from dual_cross_attention.checkpoint import CheckpointError
 from dual_cross_attention.config import ConfigError
+from dual_cross_attention.inference import TTA_CHOICES
 from dual_cross_attention.models import PREDICT_MODES
 from dual_cross_attention.prediction import (
-    TTA_CHOICES,
     find_images,
     format_predictions,
     load_trained,

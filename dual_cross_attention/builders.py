@@ -142,10 +142,20 @@ def build_loaders(
         train = DataLoader(
             data.train, batch_size=batch, shuffle=True, drop_last=True, generator=generator, **common
         )
-    eval_sampler = ShardSampler(len(data.eval), dist.rank, dist.world_size)
-    eval_batch = cfg.data.eval_batch_size or 2 * batch
-    evaluation = DataLoader(data.eval, batch_size=eval_batch, sampler=eval_sampler, **common)
-    return train, evaluation
+    return train, build_eval_loader(cfg, data.eval, device, dist)
+
+
+def build_eval_loader(cfg: Config, dataset: Dataset, device: torch.device, dist: DistInfo) -> DataLoader:
+    """In order, no drop_last, ``data.eval_batch_size`` (default 2 x ``train.batch_size``); under
+    torchrun each process takes every world_size-th image, without padding, so every image is
+    evaluated exactly once."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.data.eval_batch_size or 2 * cfg.train.batch_size,
+        sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def start_epoch(loader: DataLoader, epoch: int, epoch_seed: int) -> None:

@@ -1,9 +1,10 @@
-"""The two loops: ``train_one_epoch`` and ``evaluate``.
+"""The two loops, ``train_one_epoch`` and ``evaluate``, and the optimizer step they are made of.
 
-Gradient accumulation is done in the open: each micro-batch loss is divided by the size of
-its accumulation window (the last window of an epoch may be shorter), and the LR is set from
-the optimizer-step counter right before each step. Values are moved to the host only once
-per optimizer step (the finiteness check) and at log time.
+Gradient accumulation is done in the open: ``accumulation_windows`` groups the micro-batches of
+each optimizer step (the last window of an epoch may be shorter), ``accumulate_gradients``
+divides each micro-batch loss by the size of its window, and the LR is set from the
+optimizer-step counter right before each step. Values are moved to the host only once per
+optimizer step (the finiteness check) and at log time.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from .distributed import all_reduce_sum
+from .evaluation.metrics import Tally
+from .inference import class_probabilities
 from .losses import LossResult
-from .models.dual_vit import PREDICT_MODES, combine_probabilities
 from .optim import set_lr
 from .runtime import autocast, maybe_empty_cache
 
@@ -58,10 +60,74 @@ class EpochStats:
     seconds: float
 
 
+def accumulation_windows(batches: Iterable, accumulation: int) -> Iterator[list]:
+    """The micro-batches of each optimizer step: consecutive groups of ``accumulation``; the last
+    group of a finite iterable may be shorter."""
+    window: list = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == accumulation:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def micro_step(
+    module: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: torch.dtype,
+    window_size: int,
+    ends_window: bool,
+) -> LossResult:
+    """Forward and backward of one micro-batch, its loss divided by the accumulation window.
+
+    Under DDP, gradients are synchronised only on the micro-batch that ends the window.
+    """
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    no_sync = getattr(module, "no_sync", None)
+    with no_sync() if no_sync is not None and not ends_window else contextlib.nullcontext():
+        with autocast(device, amp_dtype):
+            result = module(images, labels)
+        scaler.scale(result.total / window_size).backward()
+    return result
+
+
 @dataclass
-class EvalResult:
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # mode -> top1/top5/mean_class (%)
-    num_images: int = 0
+class WindowTotals:
+    """What the micro-batches of one accumulation window add up to (device tensors, no host sync)."""
+
+    branch_losses: torch.Tensor  # (micro-batches, branches): each micro-batch's unweighted losses
+    loss_sum: torch.Tensor  # (1 + branches,): total and branch losses summed over the window's images
+    correct: torch.Tensor  # (branches,): correct top-1 predictions per branch
+    images: int
+
+
+def accumulate_gradients(
+    module: nn.Module,
+    window: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: torch.dtype,
+) -> WindowTotals:
+    """Forward and backward of every micro-batch of one window, each loss divided by the window's size.
+
+    Args:
+        module: a ``ModelWithLoss``, possibly wrapped in DistributedDataParallel.
+    """
+    branches = unwrap(module).criterion.branches
+    losses, loss_sum, correct, images = [], 0.0, 0.0, 0
+    for i, (x, labels) in enumerate(window):
+        result = micro_step(module, x, labels, scaler, device, amp_dtype, len(window), i + 1 == len(window))
+        branch_losses = torch.stack([result.per_branch[b].detach() for b in branches])
+        losses.append(branch_losses)
+        loss_sum = loss_sum + torch.cat([result.total.detach().reshape(1), branch_losses]) * len(labels)
+        correct = correct + torch.stack([result.correct[b] for b in branches])
+        images += len(labels)
+    return WindowTotals(torch.stack(losses), loss_sum, correct, images)
 
 
 def optimizer_step(
@@ -95,29 +161,6 @@ def optimizer_step(
     return None
 
 
-def micro_step(
-    module: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    amp_dtype: torch.dtype,
-    window_size: int,
-    ends_window: bool,
-) -> LossResult:
-    """Forward and backward of one micro-batch, its loss divided by the accumulation window.
-
-    Under DDP, gradients are synchronised only on the micro-batch that ends the window.
-    """
-    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    no_sync = getattr(module, "no_sync", None)
-    with no_sync() if no_sync is not None and not ends_window else contextlib.nullcontext():
-        with autocast(device, amp_dtype):
-            result = module(images, labels)
-        scaler.scale(result.total / window_size).backward()
-    return result
-
-
 def train_one_epoch(
     module: nn.Module,
     loader: Iterable,
@@ -134,6 +177,7 @@ def train_one_epoch(
 
     Args:
         module: a ``ModelWithLoss``, possibly wrapped in DistributedDataParallel.
+        loader: micro-batches (images, labels); ``len(loader)`` of them.
 
     Raises:
         TrainingDiverged: ``settings.max_bad_steps`` optimizer steps in a row were not finite.
@@ -142,62 +186,50 @@ def train_one_epoch(
     criterion = unwrap(module).criterion
     branches = criterion.branches
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    n_micro, accum = len(loader), settings.accumulation
+    steps = math.ceil(len(loader) / settings.accumulation)
     loss_sum = torch.zeros(len(branches) + 1, device=device)
     correct = torch.zeros(len(branches), device=device)
-    images_seen, step, skipped, lr, window = 0, first_step, 0, float("nan"), []
+    images, step, skipped, lr = 0, first_step, 0, math.nan
     start = time.perf_counter()
-    bar = tqdm(loader, total=n_micro, desc=f"epoch {epoch}", disable=not settings.show_progress, leave=False)
+    windows = accumulation_windows(loader, settings.accumulation)
+    bar = tqdm(windows, total=steps, desc=f"epoch {epoch}", disable=not settings.show_progress, leave=False)
     optimizer.zero_grad(set_to_none=True)
-    for i, (images, labels) in enumerate(bar):
-        window_start = i - i % accum
-        window_size = min(accum, n_micro - window_start)
-        last_micro = i + 1 == window_start + window_size
-        result = micro_step(
-            module, images, labels, scaler, device, settings.amp_dtype, window_size, last_micro
+    for window in bar:
+        totals = accumulate_gradients(module, window, scaler, device, settings.amp_dtype)
+        loss_sum, correct, images = (
+            loss_sum + totals.loss_sum,
+            correct + totals.correct,
+            images + totals.images,
         )
-        branch_losses = torch.stack([result.per_branch[b].detach() for b in branches])
-        window.append(branch_losses)
-        loss_sum += torch.cat([result.total.detach().reshape(1), branch_losses]) * len(labels)
-        correct += torch.stack([result.correct[b] for b in branches])
-        images_seen += len(labels)
-        if not last_micro:
-            continue
         lr = lr_for_step(step)
         set_lr(optimizer, lr)
-        reason = optimizer_step(optimizer, scaler, params, settings.clip_grad, torch.stack(window), branches)
+        reason = optimizer_step(optimizer, scaler, params, settings.clip_grad, totals.branch_losses, branches)
         criterion.project()
-        window, step = [], step + 1
-        if reason is None:
-            bad_streak = 0
-        else:
-            skipped, bad_streak = skipped + 1, bad_streak + 1
-            if bad_streak >= settings.max_bad_steps:
-                raise TrainingDiverged(
-                    f"{bad_streak} optimizer steps in a row were skipped because {reason} became non-finite "
-                    f"(last LR {lr:.3g}, epoch {epoch}, step {step})"
-                )
+        step += 1
+        bad_streak = 0 if reason is None else bad_streak + 1
+        skipped += reason is not None
+        if bad_streak >= settings.max_bad_steps:
+            raise TrainingDiverged(
+                f"{bad_streak} optimizer steps in a row were skipped because {reason} became non-finite "
+                f"(last LR {lr:.3g}, epoch {epoch}, step {step})"
+            )
         if settings.empty_cache_every and step % settings.empty_cache_every == 0:
             maybe_empty_cache(device)
-        if settings.show_progress and (step % settings.log_every == 0 or i + 1 == n_micro):
-            mean = (loss_sum / images_seen).tolist()
-            rate = images_seen / (time.perf_counter() - start)
-            acc = 100.0 * correct[0].item() / images_seen
+        if settings.show_progress and (step % settings.log_every == 0 or step - first_step == steps):
+            mean = (loss_sum / images).tolist()
+            acc = 100.0 * correct[0].item() / images
+            rate = images / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{mean[0]:.3f}", acc=f"{acc:.1f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
     bar.close()
-    totals = all_reduce_sum(torch.cat([loss_sum, correct, torch.tensor([images_seen], device=device)]))
-    loss_sum, correct, images_seen = (
-        totals[: len(branches) + 1],
-        totals[len(branches) + 1 : -1],
-        int(totals[-1]),
-    )
-    means = (loss_sum / max(images_seen, 1)).tolist()
-    accs = (100.0 * correct / max(images_seen, 1)).tolist()
+    summed = all_reduce_sum(torch.cat([loss_sum, correct, torch.tensor([images], device=device)]))
+    images = int(summed[-1])
+    means = (summed[: len(branches) + 1] / max(images, 1)).tolist()
+    accs = (100.0 * summed[len(branches) + 1 : -1] / max(images, 1)).tolist()
     return EpochStats(
         loss=means[0],
         branch_loss=dict(zip(branches, means[1:], strict=True)),
         branch_acc=dict(zip(branches, accs, strict=True)),
-        images=images_seen,
+        images=images,
         steps=step - first_step,
         skipped_steps=skipped,
         bad_streak=bad_streak,
@@ -212,38 +244,27 @@ def evaluate(
     loader: Iterable,
     device: torch.device,
     num_classes: int,
+    modes: Sequence[str],
     amp_dtype: torch.dtype = torch.float32,
-    modes: tuple[str, ...] = PREDICT_MODES,
+    tta: str = "none",
     show_progress: bool = False,
-) -> EvalResult:
-    """Top-1, top-5 and mean per-class accuracy (percent) for each inference mode."""
+) -> Tally:
+    """Count every inference mode's predictions on ``loader``; summed over all processes, each of
+    which saw its own shard, so every image is counted once. ``metrics.summarize`` turns the
+    tally into top-1 / top-5 / mean per-class accuracy.
+
+    Args:
+        model: a ``DualViT`` (put in eval mode here).
+        modes: inference modes to count (``sa``, ``glca``, ``sa+glca``).
+        tta: ``none`` or ``flip`` (probabilities averaged with the mirrored image).
+    """
     model.eval()
-    k = min(5, num_classes)
-    top1 = {m: torch.zeros((), device=device) for m in modes}
-    top5 = {m: torch.zeros((), device=device) for m in modes}
-    class_correct = {m: torch.zeros(num_classes, device=device) for m in modes}
-    class_total = torch.zeros(num_classes, device=device)
-    for images, labels in tqdm(loader, desc="eval", disable=not show_progress, leave=False):
+    tally = Tally.zeros(num_classes, modes, device)
+    for images, labels in tqdm(loader, desc="evaluate", disable=not show_progress, leave=False):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            out = model(images)
-        class_total += torch.bincount(labels, minlength=num_classes)
-        for mode in modes:
-            ranked = combine_probabilities(out, mode).topk(k, dim=-1).indices  # (B, k)
-            hit1 = ranked[:, 0] == labels
-            top1[mode] += hit1.sum()
-            top5[mode] += (ranked == labels[:, None]).any(dim=1).sum()
-            class_correct[mode] += torch.bincount(labels[hit1], minlength=num_classes)
-    for counter in [class_total, *top1.values(), *top5.values(), *class_correct.values()]:
-        all_reduce_sum(counter)  # each process saw its own shard: every image is counted once
-    n = int(class_total.sum().item())
-    present = class_total > 0
-    result = EvalResult(num_images=n)
-    for mode in modes:
-        per_class = class_correct[mode][present] / class_total[present]
-        result.metrics[mode] = {
-            "top1": 100.0 * top1[mode].item() / max(n, 1),
-            "top5": 100.0 * top5[mode].item() / max(n, 1),
-            "mean_class": 100.0 * per_class.mean().item() if n else 0.0,
-        }
-    return result
+        probs, _ = class_probabilities(model, images, modes, tta, amp_dtype)
+        for mode, scores in probs.items():
+            tally.add(mode, scores, labels)
+    for counts in tally.tensors():
+        all_reduce_sum(counts)
+    return tally

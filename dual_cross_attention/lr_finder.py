@@ -23,7 +23,7 @@ from torch import nn
 from .builders import build_training, effective_batch
 from .config import Config
 from .distributed import all_reduce_sum, init_distributed
-from .engine import micro_step, optimizer_step, unwrap
+from .engine import accumulate_gradients, accumulation_windows, optimizer_step, unwrap
 from .optim import scaled_lr, set_lr
 from .runtime import resolve_device
 
@@ -103,25 +103,21 @@ def lr_range_test(
     criterion = inner.criterion
     module.train()
     lrs, losses, smoothed = [], [], []
-    average, reason, batches = 0.0, f"reached end LR {end:g}", _batches(loader)
+    average, reason = 0.0, f"reached end LR {end:g}"
     try:
         optimizer.zero_grad(set_to_none=True)
-        for step in range(steps):
+        for step, window in zip(
+            range(steps), accumulation_windows(_batches(loader), accumulation), strict=False
+        ):
             lr = lr_at(step, steps, start, end)
             set_lr(optimizer, lr)
-            window, total = [], torch.zeros((), device=device)
-            for micro in range(accumulation):
-                images, labels = next(batches)
-                result = micro_step(
-                    module, images, labels, scaler, device, amp_dtype, accumulation, micro + 1 == accumulation
-                )
-                window.append(torch.stack([result.per_branch[b].detach() for b in criterion.branches]))
-                total += result.total.detach() / accumulation
+            totals = accumulate_gradients(module, window, scaler, device, amp_dtype)
             bad = optimizer_step(
-                optimizer, scaler, params, clip_grad, torch.stack(window), criterion.branches
+                optimizer, scaler, params, clip_grad, totals.branch_losses, criterion.branches
             )
             criterion.project()
-            loss = float(all_reduce_sum(total) / _world_size())
+            summed = all_reduce_sum(totals.loss_sum[:1] / totals.images)  # mean total loss of this process
+            loss = float(summed) / _world_size()
             if bad is not None or not math.isfinite(loss):
                 reason = f"{bad or 'loss'} became non-finite at LR {lr:.3g}"
                 break

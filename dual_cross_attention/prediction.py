@@ -1,13 +1,13 @@
-"""Running a trained checkpoint on images: rebuild the model, class probabilities, top-k on files.
+"""Running a trained checkpoint on images: rebuild the model from its checkpoint, top-k on files.
 
 The model is rebuilt from the config stored in the checkpoint, so a checkpoint is all a user
 needs; ``--set`` style overrides change what may differ on another machine (data root,
 device, batch size). Pretrained backbone weights are never loaded here: the checkpoint holds
 every weight, and the pretrained file may not exist where the model is used.
 
-Evaluation (``evaluation.py``) scores the same probabilities on a labelled split; this module
-is also what ``predict.py`` uses on unlabelled files, where an unreadable file is reported and
-skipped so that one bad image never loses the rest of the batch.
+Evaluation (``evaluation/``) scores the same probabilities (``inference.class_probabilities``)
+on a labelled split; this module is also what ``predict.py`` uses on unlabelled files, where an
+unreadable file is reported and skipped so that one bad image never loses the rest of the batch.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from .builders import build_eval_pipeline, build_model
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, apply_overrides, from_dict
 from .data import CorruptImageError, ImagePipeline, load_rgb
-from .models.dual_vit import PREDICT_MODES, DualViT, DualViTOutput, combine_probabilities
-from .runtime import autocast, resolve_device, resolve_precision
+from .inference import as_distribution, check_mode, class_probabilities
+from .models.dual_vit import PREDICT_MODES, DualViT
+from .runtime import resolve_device, resolve_precision
 
 _logger = logging.getLogger(__name__)
 
-TTA_CHOICES = ("none", "flip")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -96,46 +96,6 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Train
         amp_dtype=resolve_precision(cfg.train.precision, device),
         checkpoint=path,
     )
-
-
-def check_mode(mode: str, available: Sequence[str]) -> None:
-    """Refuse a mode the model cannot run, saying why (no GLCA branch) rather than failing later."""
-    if mode not in available:
-        reason = " (this model was trained with model.glca: false)" if mode in PREDICT_MODES else ""
-        raise ValueError(f"mode '{mode}' is not available{reason}; choose one of {list(available)}")
-
-
-@torch.no_grad()
-def class_probabilities(
-    model: DualViT,
-    images: torch.Tensor,
-    modes: Sequence[str],
-    tta: str = "none",
-    amp_dtype: torch.dtype = torch.float32,
-) -> tuple[dict[str, torch.Tensor], DualViTOutput]:
-    """Probabilities (B, K) per inference mode, and the model output for the images as given.
-
-    ``sa+glca`` is the paper's rule, softmax(SA) + softmax(GLCA) (values sum to 2). With
-    ``tta='flip'`` each mode's probabilities are averaged over the image and its horizontal
-    mirror. The returned output (rollout, selected patches) is that of the unflipped images.
-    """
-    if tta not in TTA_CHOICES:
-        raise ValueError(f"tta must be one of {TTA_CHOICES}, got '{tta}'")
-    if model.training:
-        raise ValueError("class_probabilities needs the model in eval mode (model.eval()): PWCA and dropout")
-    views = [images] if tta == "none" else [images, images.flip(-1)]  # (B, 3, H, W): flip the width
-    outputs = []
-    for view in views:
-        with autocast(images.device, amp_dtype):
-            outputs.append(model(view))
-    probs = {m: torch.stack([combine_probabilities(o, m) for o in outputs]).mean(dim=0) for m in modes}
-    return probs, outputs[0]
-
-
-def as_distribution(probs: torch.Tensor, mode: str) -> torch.Tensor:
-    """Probabilities that sum to one: ``sa+glca`` sums two softmax outputs, so it is halved
-    (the mean of the two). Ranking is unchanged."""
-    return probs / 2 if mode == "sa+glca" else probs
 
 
 @dataclass(frozen=True)

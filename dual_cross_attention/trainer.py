@@ -1,4 +1,4 @@
-"""The training run: build from a Config, loop over epochs, log, checkpoint, resume exactly.
+"""The training run: build from a Config, loop over epochs, evaluate, checkpoint, resume exactly.
 
 Every epoch starts by reseeding all RNGs from (seed, epoch), so an epoch is a pure function
 of the state at its start. Resuming from the checkpoint written at an epoch boundary therefore
@@ -9,27 +9,21 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
-from .builders import DataBundle, build_training, start_epoch
-from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from .config import Config, from_dict
-from .distributed import DistInfo, barrier, init_distributed
-from .engine import EvalResult, StepSettings, TrainingDiverged, evaluate, train_one_epoch
-from .health import health_warnings
-from .optim import Schedule
-from .runtime import (
-    peak_memory_mb,
-    reset_peak_memory,
-    resolve_device,
-    seed_everything,
-)
-from .visualize import plot_metrics
+from .builders import TrainingParts, build_training, start_epoch
+from .checkpoint import load_checkpoint, restore_rng_states, rng_states
+from .config import Config
+from .diagnostics.health import health_warnings
+from .distributed import barrier, init_distributed
+from .engine import EpochStats, StepSettings, TrainingDiverged, evaluate, train_one_epoch
+from .evaluation.metrics import Summary, summarize
+from .run_io import RunRecorder, metrics_row, prepare_run_dir, read_history, save_checkpoints
+from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, seed_everything
 
 _logger = logging.getLogger(__name__)
 
@@ -60,6 +54,17 @@ class RunResult:
     best_metric: float
     history: list[dict[str, Any]]
     model: torch.nn.Module  # the trained DualViT (last epoch), e.g. to inspect in a notebook
+
+
+@dataclass
+class Progress:
+    """Where a run stands at an epoch boundary: what a checkpoint restores besides the states."""
+
+    next_epoch: int = 0
+    step: int = 0
+    best: float = -math.inf
+    bad_streak: int = 0
+    initial_weights: dict[str, float] = field(default_factory=dict)
 
 
 def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
@@ -100,64 +105,29 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def _metrics_row(
-    epoch: int, stats, evaluation: EvalResult, weights: dict[str, float], peak_mb: float
-) -> dict:
-    row: dict[str, Any] = {"epoch": epoch, "lr": stats.lr, "train_loss": stats.loss}
-    for b in ("sa", "glca", "pwca"):
-        row[f"train_loss_{b}"] = stats.branch_loss.get(b, math.nan)
-        row[f"train_acc_{b}"] = stats.branch_acc.get(b, math.nan)
-        row[f"weight_{b}"] = weights.get(b, math.nan)
-    for mode, column in (
-        ("sa", "eval_top1_sa"),
-        ("glca", "eval_top1_glca"),
-        ("sa+glca", "eval_top1_sa_glca"),
-    ):
-        row[column] = evaluation.metrics.get(mode, {}).get("top1", math.nan)
-    row.update(
-        eval_images=evaluation.num_images,
-        skipped_steps=stats.skipped_steps,
-        epoch_time_s=stats.seconds,
-        peak_mem_mb=peak_mb,
-    )
-    return row
+def _resumable_state(
+    cfg: Config, resume: str | None, run_dir: Path
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint to resume from (every process reads the same file), checked against ``cfg``."""
+    path = resolve_resume(resume, run_dir / "checkpoints")
+    if path is None:
+        return None, None
+    state = load_checkpoint(path)
+    check_resume_compatible(cfg, state["config"], path)
+    return state, path
 
 
-def _selection_metric(evaluation: EvalResult) -> float:
-    metrics = evaluation.metrics
-    return metrics["sa+glca"]["top1"] if "sa+glca" in metrics else metrics["sa"]["top1"]
-
-
-def _read_history(csv: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    """Rows of an existing metrics.csv up to the resumed epoch (later rows belong to lost work)."""
-    if not csv.exists():
-        return []
-    frame = pd.read_csv(csv)
-    return frame[frame["epoch"] <= upto_epoch].to_dict("records")
-
-
-@dataclass
-class Progress:
-    """Where a run stands at an epoch boundary: what a checkpoint restores besides the states."""
-
-    next_epoch: int = 0
-    step: int = 0
-    best: float = -math.inf
-    bad_streak: int = 0
-    initial_weights: dict[str, float] = field(default_factory=dict)
-
-
-def _restore(
-    state: dict[str, Any], path: Path, modules: dict[str, Any], schedule: Schedule, epochs: int
-) -> Progress:
-    for key, module in modules.items():
+def _restore(state: dict[str, Any], path: Path, parts: TrainingParts, cfg: Config) -> Progress:
+    if list(state["classes"]) != parts.data.classes:
+        raise ValueError(f"cannot resume {path}: the dataset's classes differ from the checkpoint's")
+    for key, module in _stateful(parts).items():
         module.load_state_dict(state[key])
     restore_rng_states(state["rng"])
     old_epochs = state["config"]["train"]["epochs"]
-    if old_epochs != epochs:
+    if old_epochs != cfg.train.epochs:
         _logger.info(
             "train.epochs changed %d -> %d: the cosine schedule is rebuilt for %d total optimizer steps",
-            old_epochs, epochs, schedule.total_steps,
+            old_epochs, cfg.train.epochs, parts.schedule.total_steps,
         )  # fmt: skip
     progress = Progress(
         next_epoch=state["epoch"] + 1,
@@ -168,6 +138,33 @@ def _restore(
     )
     _logger.info("resumed from %s at epoch %d (step %d)", path, progress.next_epoch, progress.step)
     return progress
+
+
+def _stateful(parts: TrainingParts) -> dict[str, Any]:
+    """What a checkpoint saves and a resume restores, by checkpoint key."""
+    return {
+        "model": parts.model,
+        "loss": parts.criterion,
+        "optimizer": parts.optimizer,
+        "scaler": parts.scaler,
+    }
+
+
+def _checkpoint(parts: TrainingParts, progress: Progress, epoch: int, cfg: Config) -> dict[str, Any]:
+    state = {key: module.state_dict() for key, module in _stateful(parts).items()}
+    state.update(
+        schedule=asdict(parts.schedule),
+        epoch=epoch,
+        global_step=progress.step,
+        best_metric=progress.best,
+        bad_streak=progress.bad_streak,
+        initial_loss_weights=progress.initial_weights,
+        config=cfg.to_dict(),
+        classes=parts.data.classes,
+        eval_split=parts.data.eval_split,
+        rng=rng_states(),
+    )
+    return state
 
 
 def _step_settings(cfg: Config, amp_dtype: torch.dtype, show_progress: bool) -> StepSettings:
@@ -183,23 +180,9 @@ def _step_settings(cfg: Config, amp_dtype: torch.dtype, show_progress: bool) -> 
     )
 
 
-def _open_run(
-    cfg: Config, resume: str | None, dist: DistInfo
-) -> tuple[Path, dict[str, Any] | None, Path | None]:
-    """Run directory, and the checkpoint state to resume from (every process reads the same file)."""
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    resume_path = resolve_resume(resume, run_dir / "checkpoints")
-    state = load_checkpoint(resume_path) if resume_path else None
-    if state is not None:
-        check_resume_compatible(cfg, state["config"], resume_path)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _attach_log_file(run_dir / "train.log")
-        _logger.info("resolved config:\n%s", cfg.to_yaml())
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    else:
-        logging.getLogger("dual_cross_attention").setLevel(logging.WARNING)  # rank 0 speaks for all
-    return run_dir, state, resume_path
+def selection_metric(summary: Summary) -> float:
+    """Top-1 of the paper's inference rule (sa+glca), or of SA for a model without GLCA."""
+    return summary.metrics[summary.primary_mode]["top1"]
 
 
 def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> RunResult:
@@ -208,130 +191,78 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     Under torchrun every process runs this; only rank 0 writes logs, metrics and checkpoints.
     """
     dist = init_distributed(resolve_device(cfg.train.device))
-    run_dir, state, resume_path = _open_run(cfg, resume, dist)
-    ckpt_dir = run_dir / "checkpoints"
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    state, resume_path = _resumable_state(cfg, resume, run_dir)
+    prepare_run_dir(cfg, run_dir, dist)
     t, parts = cfg.train, build_training(cfg, dist)
-    data, model, criterion = parts.data, parts.model, parts.criterion
-    if state is not None and list(state["classes"]) != data.classes:
-        raise ValueError(f"cannot resume {resume_path}: the dataset's classes differ from the checkpoint's")
-    modules = {"model": model, "loss": criterion, "optimizer": parts.optimizer, "scaler": parts.scaler}
     if state is not None:
-        progress = _restore(state, resume_path, modules, parts.schedule, t.epochs)
+        progress = _restore(state, resume_path, parts, cfg)
     else:
-        initial = criterion.raw_weights() if cfg.loss.weighting == "uncertainty" else {}
+        initial = parts.criterion.raw_weights() if cfg.loss.weighting == "uncertainty" else {}
         progress = Progress(initial_weights=initial)
-    history = _read_history(run_dir / "metrics.csv", progress.next_epoch - 1) if dist.is_main else []
-    writer = _tensorboard(run_dir) if cfg.run.tensorboard and dist.is_main else None
+    recorder = None
+    if dist.is_main:
+        history = read_history(run_dir / "metrics.csv", progress.next_epoch - 1)
+        recorder = RunRecorder(run_dir, history, cfg.run.tensorboard)
     settings = _step_settings(cfg, parts.amp_dtype, show_progress and dist.is_main)
     modes = ("sa", "glca", "sa+glca") if cfg.model.glca else ("sa",)
+    num_classes = len(parts.data.classes)
     stop = t.epochs if cfg.run.stop_after_epochs is None else progress.next_epoch + cfg.run.stop_after_epochs
     for epoch in range(progress.next_epoch, min(t.epochs, stop)):
-        epoch_seed = t.seed * 1_000_003 + epoch
-        seed_everything(epoch_seed + 7_919 * dist.rank)  # distinct masks and pairs per process
-        start_epoch(parts.train_loader, epoch, epoch_seed)
-        reset_peak_memory(parts.device)
-        try:
-            stats = train_one_epoch(
-                parts.step_module, parts.train_loader, parts.optimizer, parts.scaler, parts.device,
-                parts.schedule, progress.step, settings,
-                bad_streak=progress.bad_streak, epoch=epoch,
-            )  # fmt: skip
-        except TrainingDiverged as err:
-            last_good = ckpt_dir / "last.pt"
-            where = f"the last good checkpoint is {last_good}" if last_good.exists() else "no checkpoint yet"
-            raise TrainingDiverged(f"{err}; {where} (left untouched)") from err
-        evaluation = evaluate(
-            model, parts.eval_loader, parts.device, len(data.classes), parts.amp_dtype, modes
-        )
-        metric = _selection_metric(evaluation)
+        stats = _train_epoch(parts, settings, progress, epoch, cfg, dist.rank, run_dir / "checkpoints")
+        tally = evaluate(parts.model, parts.eval_loader, parts.device, num_classes, modes, parts.amp_dtype)
+        summary = summarize(tally, parts.data.classes)
+        metric = selection_metric(summary)
         is_best = metric > progress.best
-        progress = Progress(
+        progress = replace(
+            progress,
             next_epoch=epoch + 1,
             step=progress.step + stats.steps,
             best=max(progress.best, metric),
             bad_streak=stats.bad_streak,
-            initial_weights=progress.initial_weights,
         )
-        if not dist.is_main:
+        if recorder is None:
             continue
-        row = _metrics_row(epoch, stats, evaluation, criterion.raw_weights(), peak_memory_mb(parts.device))
-        history.append(row)
-        pd.DataFrame(history).to_csv(run_dir / "metrics.csv", index=False)
-        plot_metrics(run_dir / "metrics.csv", run_dir / "curves.png")
-        _log_epoch(row, data, writer)
-        for message in health_warnings(history, len(data.classes), t.warmup_epochs, progress.initial_weights):
+        weights = parts.criterion.raw_weights()
+        row = metrics_row(epoch, stats, summary, weights, peak_memory_mb(parts.device))
+        recorder.record(row, parts.data.eval_split)
+        for message in health_warnings(
+            recorder.history, num_classes, t.warmup_epochs, progress.initial_weights
+        ):
             _logger.warning("health: %s", message)
-        checkpoint = {key: module.state_dict() for key, module in modules.items()}
-        checkpoint.update(
-            schedule=asdict(parts.schedule),
-            epoch=epoch,
-            global_step=progress.step,
-            best_metric=progress.best,
-            bad_streak=progress.bad_streak,
-            initial_loss_weights=progress.initial_weights,
-            config=cfg.to_dict(),
-            classes=data.classes,
-            eval_split=data.eval_split,
-            rng=rng_states(),
-        )
-        save_checkpoint(checkpoint, ckpt_dir / "last.pt")
-        if is_best:
-            save_checkpoint(checkpoint, ckpt_dir / "best.pt")
-    if writer is not None:
-        writer.close()
+        save_checkpoints(_checkpoint(parts, progress, epoch, cfg), run_dir / "checkpoints", is_best)
+    if recorder is not None:
+        recorder.close()
     barrier()  # no process leaves while rank 0 still writes the last checkpoint
     return RunResult(
         run_dir=run_dir,
         epochs_done=progress.next_epoch,
         best_metric=progress.best,
-        history=history,
-        model=model,
+        history=recorder.history if recorder is not None else [],
+        model=parts.model,
     )
 
 
-def _log_epoch(row: dict[str, Any], data: DataBundle, writer) -> None:
-    by_branch = "/".join(f"{row[f'train_acc_{b}']:.1f}" for b in ("sa", "glca", "pwca"))
-    weights = "/".join(f"{row[f'weight_{b}']:.3f}" for b in ("sa", "glca", "pwca"))
-    top1 = "/".join(f"{row[c]:.2f}" for c in ("eval_top1_sa", "eval_top1_glca", "eval_top1_sa_glca"))
-    _logger.info(
-        "epoch %d: loss %.4f | train acc sa/glca/pwca %s | %s top-1 sa/glca/sa+glca %s | weights %s | "
-        "lr %.3g | %.0f s | peak %.0f MB",
-        row["epoch"], row["train_loss"], by_branch, data.eval_split, top1, weights, row["lr"],
-        row["epoch_time_s"], row["peak_mem_mb"],
-    )  # fmt: skip
-    if row["skipped_steps"]:
-        _logger.warning(
-            "epoch %d: %d optimizer steps skipped (non-finite)", row["epoch"], row["skipped_steps"]
-        )
-    if writer is not None:
-        for key, value in row.items():
-            if key != "epoch" and not (isinstance(value, float) and math.isnan(value)):
-                writer.add_scalar(key, value, row["epoch"])
-
-
-def _tensorboard(run_dir: Path):
+def _train_epoch(
+    parts: TrainingParts,
+    settings: StepSettings,
+    progress: Progress,
+    epoch: int,
+    cfg: Config,
+    rank: int,
+    checkpoint_dir: Path,
+) -> EpochStats:
+    """Reseed from (seed, epoch), then one epoch of training; a divergence names the last good checkpoint."""
+    epoch_seed = cfg.train.seed * 1_000_003 + epoch
+    seed_everything(epoch_seed + 7_919 * rank)  # distinct masks and pairs per process
+    start_epoch(parts.train_loader, epoch, epoch_seed)
+    reset_peak_memory(parts.device)
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise RuntimeError(
-            "run.tensorboard is true but the tensorboard package is not installed: "
-            "pip install tensorboard (or set run.tensorboard: false)"
-        ) from err
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-
-def _attach_log_file(path: Path) -> None:
-    """Copy the package's log records into the run directory (once per file)."""
-    root = logging.getLogger("dual_cross_attention")
-    if any(
-        isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers
-    ):
-        return
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-
-def config_from_checkpoint(state: dict[str, Any]) -> Config:
-    return from_dict(state["config"], source="checkpoint config")
+        return train_one_epoch(
+            parts.step_module, parts.train_loader, parts.optimizer, parts.scaler, parts.device,
+            parts.schedule, progress.step, settings, bad_streak=progress.bad_streak, epoch=epoch,
+        )  # fmt: skip
+    except TrainingDiverged as err:
+        last_good = checkpoint_dir / "last.pt"
+        where = f"the last good checkpoint is {last_good}" if last_good.exists() else "no checkpoint yet"
+        raise TrainingDiverged(f"{err}; {where} (left untouched)") from err

@@ -32,8 +32,9 @@ from dual_cross_attention.evaluation import (
     require_each_image_once,
     summarize,
 )
+from dual_cross_attention.inference import class_probabilities
 from dual_cross_attention.models import PREDICT_MODES
-from dual_cross_attention.prediction import class_probabilities, load_trained
+from dual_cross_attention.prediction import load_trained
 from dual_cross_attention.trainer import train
 from dual_cross_attention.visualize import CONFUSION_INCHES, DPI, attention_grid_size
 

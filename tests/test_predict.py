@@ -16,9 +16,9 @@ from dual_cross_attention.checkpoint import load_checkpoint
 from dual_cross_attention.config import ConfigError, load_config
 from dual_cross_attention.data import build_eval_transform, load_rgb
 from dual_cross_attention.data.synthetic import DemoSpec, generate_demo_dataset
+from dual_cross_attention.inference import check_mode
 from dual_cross_attention.prediction import (
     Skipped,
-    check_mode,
     checkpoint_config,
     find_images,
     load_trained,

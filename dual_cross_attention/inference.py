@@ -1,0 +1,56 @@
+"""Class probabilities of a DCAL model in inference mode, per mode, with optional flip TTA.
+
+The one place that turns a model's outputs into the probabilities that evaluation, training-time
+evaluation and prediction rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .models.dual_vit import PREDICT_MODES, DualViT, DualViTOutput, combine_probabilities
+from .runtime import autocast
+
+TTA_CHOICES = ("none", "flip")
+
+
+def check_mode(mode: str, available: Sequence[str]) -> None:
+    """Refuse a mode the model cannot run, saying why (no GLCA branch) rather than failing later."""
+    if mode not in available:
+        reason = " (this model was trained with model.glca: false)" if mode in PREDICT_MODES else ""
+        raise ValueError(f"mode '{mode}' is not available{reason}; choose one of {list(available)}")
+
+
+@torch.no_grad()
+def class_probabilities(
+    model: DualViT,
+    images: torch.Tensor,
+    modes: Sequence[str],
+    tta: str = "none",
+    amp_dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], DualViTOutput]:
+    """Probabilities (B, K) per inference mode, and the model output for the images as given.
+
+    ``sa+glca`` is the paper's rule, softmax(SA) + softmax(GLCA) (values sum to 2). With
+    ``tta='flip'`` each mode's probabilities are averaged over the image and its horizontal
+    mirror. The returned output (rollout, selected patches) is that of the unflipped images.
+    """
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, got '{tta}'")
+    if model.training:
+        raise ValueError("class_probabilities needs the model in eval mode (model.eval()): PWCA and dropout")
+    views = [images] if tta == "none" else [images, images.flip(-1)]  # (B, 3, H, W): flip the width
+    outputs = []
+    for view in views:
+        with autocast(images.device, amp_dtype):
+            outputs.append(model(view))
+    probs = {m: torch.stack([combine_probabilities(o, m) for o in outputs]).mean(dim=0) for m in modes}
+    return probs, outputs[0]
+
+
+def as_distribution(probs: torch.Tensor, mode: str) -> torch.Tensor:
+    """Probabilities that sum to one: ``sa+glca`` sums two softmax outputs, so it is halved
+    (the mean of the two). Ranking is unchanged."""
+    return probs / 2 if mode == "sa+glca" else probs
