@@ -28,7 +28,7 @@ BRANCHES = ("sa", "glca", "pwca")
 
 
 def metrics_rows(epochs: int, pwca: bool) -> pd.DataFrame:
-    """Rows with the columns trainer._metrics_row writes; the PWCA columns are NaN when it is off."""
+    """Rows with the columns run_io.metrics_row writes; the PWCA columns are NaN when it is off."""
     rows = []
     for e in range(epochs):
         row = {"epoch": e, "lr": 1e-3 * (e + 1), "train_loss": 3.0 - e}

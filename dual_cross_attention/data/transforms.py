@@ -1,4 +1,4 @@
-"""Albumentations pipelines for training and evaluation (DESIGN section 1, training recipe).
+"""Albumentations pipelines for training and evaluation (the paper: resize 550, random crop 448, flip).
 
 Train: resize to ``resize_size`` -> random crop ``img_size`` -> horizontal flip -> normalize ->
 tensor. Eval: resize -> center crop -> normalize -> tensor. The mean/std are arguments, never
