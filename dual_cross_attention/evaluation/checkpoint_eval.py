@@ -122,25 +122,15 @@ def evaluate_checkpoint(
     summary = summarize(tally, trained.classes)
     target = Path(out_dir) if out_dir is not None else default_out_dir(trained.checkpoint, split, tta)
     results = results_json(summary, trained.checkpoint, split)
-    if not dist.is_main:  # rank 0 writes the files and times the model
-        return EvaluationReport(
-            summary=summary, results=results, out_dir=target, files=[], throughput=None, tta=tta
-        )
-    files = write_tables(summary, trained.classes, target)
-    if visualize:
-        examples = attention_examples(trained, dataset, visualize, tta)
-        files.append(draw_attention_grid(examples, target / "attention_grid.png"))
-    speed = None
-    if throughput_iterations:
-        speed = measure_throughput(trained, next(iter(loader))[0], throughput_iterations)
-    return EvaluationReport(
-        summary=summary,
-        results=results,
-        out_dir=target,
-        files=files,
-        throughput=speed,
-        tta=tta,
-    )
+    files, speed = [], None
+    if dist.is_main:  # rank 0 writes the files and times the model
+        files = write_tables(summary, trained.classes, target)
+        if visualize:
+            examples = attention_examples(trained, dataset, visualize, tta)
+            files.append(draw_attention_grid(examples, target / "attention_grid.png"))
+        if throughput_iterations:
+            speed = measure_throughput(trained, next(iter(loader))[0], throughput_iterations)
+    return EvaluationReport(summary, results, out_dir=target, files=files, throughput=speed, tta=tta)
 
 
 def format_report(report: EvaluationReport) -> str:
