@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from dual_cross_attention.config import ConfigError, load_config
-from dual_cross_attention.fixes import format_result, run_checks
+from dual_cross_attention.diagnostics.result import format_result
+from dual_cross_attention.diagnostics.suite import run_checks
 from dual_cross_attention.runtime import resolve_device
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -211,8 +212,15 @@ class TrainingParts:
     scaler: torch.amp.GradScaler
 
 
-def build_training(cfg: Config, dist: DistInfo) -> TrainingParts:
-    """Data, model, loss, loaders, LR schedule, optimizer and scaler; logs what the run will do."""
+def build_training(
+    cfg: Config, dist: DistInfo, resume_from: tuple[dict[str, Any], Path] | None = None
+) -> TrainingParts:
+    """Data, model, loss, loaders, LR schedule, optimizer and scaler; logs what the run will do.
+
+    Args:
+        resume_from: a checkpoint state and its path: the model and loss weights are loaded
+            from it before DDP wraps them (DDP broadcasts rank 0's weights at construction).
+    """
     t = cfg.train
     device = process_device(resolve_device(t.device), dist)
     amp_dtype = resolve_precision(t.precision, device)
@@ -221,6 +229,8 @@ def build_training(cfg: Config, dist: DistInfo) -> TrainingParts:
         data = build_datasets(cfg)
     model = build_model(cfg, len(data.classes)).to(device)
     criterion = build_loss(cfg).to(device)
+    if resume_from is not None:
+        load_weights(resume_from[0], resume_from[1], model, criterion, data.classes)
     maybe_empty_cache(device)
     train_loader, eval_loader = build_loaders(cfg, data, device, t.seed, dist)
     schedule, described = build_schedule(t, len(train_loader), dist.world_size)
@@ -247,3 +257,13 @@ def build_training(cfg: Config, dist: DistInfo) -> TrainingParts:
         optimizer=torch.optim.AdamW(groups, lr=schedule.peak_lr),
         scaler=grad_scaler(device, amp_dtype),
     )
+
+
+def load_weights(
+    state: dict[str, Any], path: Path, model: DualViT, criterion: DCALLoss, classes: list[str]
+) -> None:
+    """Model and loss weights of a training checkpoint, for a run on the same classes."""
+    if list(state["classes"]) != classes:
+        raise ValueError(f"cannot resume {path}: the dataset's classes differ from the checkpoint's")
+    model.load_state_dict(state["model"])
+    criterion.load_state_dict(state["loss"])

@@ -7,6 +7,7 @@ so a crash mid-write never leaves a truncated ``last.pt``. It is read with
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -17,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+_logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -94,4 +97,21 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     )
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        restore_cuda_rng_states(states["cuda"])
+
+
+def restore_cuda_rng_states(saved: list[torch.Tensor]) -> None:
+    """Restore the saved per-GPU states of the GPUs this process sees, and only those.
+
+    A checkpoint holds one state per GPU visible when it was written (8 under an 8-GPU
+    torchrun); resuming with fewer GPUs must not index generators that do not exist. The
+    trainer reseeds every RNG at each epoch start anyway, so the GPUs left out lose nothing.
+    """
+    visible = torch.cuda.device_count()
+    for index, state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(state, index)
+    if len(saved) != visible:
+        _logger.info(
+            "checkpoint holds RNG states of %d GPUs, %d visible: restored %d", len(saved), visible,
+            min(len(saved), visible),
+        )  # fmt: skip

@@ -140,8 +140,9 @@ def optimizer_step(
 ) -> str | None:
     """Clip and step; or skip the step and return why (the non-finite branches or gradients).
 
-    With fp16 loss scaling an overflowing gradient is routine and handled by the scaler, so only
-    a non-finite loss counts as bad there.
+    With fp16 loss scaling the scaler itself skips a step whose gradients overflowed and lowers
+    the scale; that step did not happen either, so it is reported like any other skipped step
+    (the caller counts it and applies the bad-step rule to it).
     """
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else math.inf)
@@ -155,9 +156,13 @@ def optimizer_step(
         optimizer.zero_grad(set_to_none=True)
         scaler.update()
         return ", ".join(bad)
+    # GradScaler.step syncs with the host anyway (it reads whether any gradient overflowed).
+    scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if scale is not None and scaler.get_scale() < scale:  # the scaler found inf/NaN gradients
+        return f"gradients (fp16 overflow; loss scale {scale:g} -> {scaler.get_scale():g})"
     return None
 
 

@@ -27,7 +27,7 @@ from .config import Config, apply_overrides, from_dict
 from .data import CorruptImageError, ImagePipeline, load_rgb
 from .inference import as_distribution, check_mode, class_probabilities
 from .models.dual_vit import PREDICT_MODES, DualViT
-from .runtime import resolve_device, resolve_precision
+from .runtime import inference_precision, resolve_device
 
 _logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Train
         config=cfg,
         classes=classes,
         device=device,
-        amp_dtype=resolve_precision(cfg.train.precision, device),
+        amp_dtype=inference_precision(cfg.train.precision, device),
         checkpoint=path,
     )
 

@@ -61,9 +61,17 @@ def read_history(csv: Path, upto_epoch: int) -> list[dict[str, Any]]:
 
 
 def metrics_row(
-    epoch: int, stats: EpochStats, evaluation: Summary, weights: dict[str, float], peak_mb: float
+    epoch: int,
+    stats: EpochStats,
+    evaluation: Summary,
+    weights: dict[str, float],
+    peak_mb: tuple[float, float],
 ) -> dict[str, Any]:
-    """One metrics.csv row; a branch or mode the model lacks is NaN."""
+    """One metrics.csv row; a branch or mode the model lacks is NaN.
+
+    Args:
+        peak_mb: (allocated, reserved) peak memory of the epoch (``runtime.peak_memory_mb``).
+    """
     row: dict[str, Any] = {"epoch": epoch, "lr": stats.lr, "train_loss": stats.loss}
     for b in BRANCHES:
         row[f"train_loss_{b}"] = stats.branch_loss.get(b, math.nan)
@@ -75,7 +83,8 @@ def metrics_row(
         eval_images=evaluation.num_images,
         skipped_steps=stats.skipped_steps,
         epoch_time_s=stats.seconds,
-        peak_mem_mb=peak_mb,
+        peak_mem_mb=peak_mb[0],
+        peak_reserved_mb=peak_mb[1],
     )
     return row
 
@@ -115,9 +124,9 @@ def _log_epoch(row: dict[str, Any], eval_split: str) -> None:
     top1 = "/".join(f"{row[f'eval_top1_{column_name(m)}']:.2f}" for m in EVAL_MODES)
     _logger.info(
         "epoch %d: loss %.4f | train acc sa/glca/pwca %s | %s top-1 sa/glca/sa+glca %s | weights %s | "
-        "lr %.3g | %.0f s | peak %.0f MB",
+        "lr %.3g | %.0f s | peak %.0f MB allocated, %.0f MB reserved",
         row["epoch"], row["train_loss"], by_branch, eval_split, top1, weights, row["lr"],
-        row["epoch_time_s"], row["peak_mem_mb"],
+        row["epoch_time_s"], row["peak_mem_mb"], row["peak_reserved_mb"],
     )  # fmt: skip
     if row["skipped_steps"]:
         _logger.warning(

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from .builders import TrainingParts, build_training, start_epoch
-from .checkpoint import load_checkpoint, restore_rng_states, rng_states
+from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states
 from .config import Config
 from .diagnostics.health import health_warnings
-from .distributed import barrier, init_distributed
+from .distributed import DistInfo, barrier, broadcast_from_main, gather_from_all, init_distributed
 from .engine import EpochStats, StepSettings, TrainingDiverged, evaluate, train_one_epoch
 from .evaluation.metrics import Summary, summarize
 from .run_io import RunRecorder, metrics_row, prepare_run_dir, read_history, save_checkpoints
-from .runtime import peak_memory_mb, reset_peak_memory, resolve_device, seed_everything
+from .runtime import device_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device, seed_everything
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ RESUME_MAY_CHANGE = {
     "train.empty_cache_every",
     "train.max_bad_steps",
     "train.device",
+    "train.precision",  # weights are fp32; only the autocast dtype (and loss scaling) changes
     "data.root",
     "data.num_workers",
     "data.eval_batch_size",
@@ -106,22 +107,44 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
 
 
 def _resumable_state(
-    cfg: Config, resume: str | None, run_dir: Path
+    cfg: Config, resume: str | None, run_dir: Path, dist: DistInfo
 ) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint to resume from (every process reads the same file), checked against ``cfg``."""
-    path = resolve_resume(resume, run_dir / "checkpoints")
-    if path is None:
+    """The checkpoint to resume from, checked against ``cfg``.
+
+    Rank 0 decides (whether this run exists, which file to continue) and every process follows
+    that decision; a process that cannot read the chosen file stops the run on every process,
+    rather than training on from fresh weights while the others resume.
+    """
+    decision: Path | str | None
+    try:
+        decision = resolve_resume(resume, run_dir / "checkpoints") if dist.is_main else None
+    except RunExistsError as err:
+        decision = str(err)
+    decision = broadcast_from_main(decision)
+    if isinstance(decision, str):
+        raise RunExistsError(decision)
+    if decision is None:
         return None, None
-    state = load_checkpoint(path)
-    check_resume_compatible(cfg, state["config"], path)
-    return state, path
+    missing = [rank for rank, readable in enumerate(gather_from_all(decision.is_file())) if not readable]
+    if missing and 0 not in missing:  # (rank 0 not reading it either: load_checkpoint says why)
+        raise CheckpointError(
+            f"rank 0 resumes from {decision}, which process(es) of rank {missing} cannot read: resuming a "
+            "multi-node run needs the run folder (run.output_dir) on a file system every node shares, or a "
+            "copy of the checkpoint at that path on every node"
+        )
+    state = load_checkpoint(decision)
+    check_resume_compatible(cfg, state["config"], decision)
+    return state, decision
 
 
 def _restore(state: dict[str, Any], path: Path, parts: TrainingParts, cfg: Config) -> Progress:
-    if list(state["classes"]) != parts.data.classes:
-        raise ValueError(f"cannot resume {path}: the dataset's classes differ from the checkpoint's")
-    for key, module in _stateful(parts).items():
-        module.load_state_dict(state[key])
+    """Optimizer, loss scaler and RNG states, and where the run stood (``build_training`` has
+    already loaded the model and loss weights, before DDP wrapped them)."""
+    parts.optimizer.load_state_dict(state["optimizer"])
+    if parts.scaler.is_enabled() and not state["scaler"]:
+        _logger.info("loss scaling starts afresh: %s was trained without fp16", path)
+    else:
+        parts.scaler.load_state_dict(state["scaler"])  # a no-op for a disabled scaler (not fp16 now)
     restore_rng_states(state["rng"])
     old_epochs = state["config"]["train"]["epochs"]
     if old_epochs != cfg.train.epochs:
@@ -140,19 +163,11 @@ def _restore(state: dict[str, Any], path: Path, parts: TrainingParts, cfg: Confi
     return progress
 
 
-def _stateful(parts: TrainingParts) -> dict[str, Any]:
-    """What a checkpoint saves and a resume restores, by checkpoint key."""
-    return {
-        "model": parts.model,
-        "loss": parts.criterion,
-        "optimizer": parts.optimizer,
-        "scaler": parts.scaler,
-    }
-
-
 def _checkpoint(parts: TrainingParts, progress: Progress, epoch: int, cfg: Config) -> dict[str, Any]:
-    state = {key: module.state_dict() for key, module in _stateful(parts).items()}
+    modules = {"model": parts.model, "loss": parts.criterion, "optimizer": parts.optimizer}
+    state = {key: module.state_dict() for key, module in modules.items()}
     state.update(
+        scaler=parts.scaler.state_dict(),
         schedule=asdict(parts.schedule),
         epoch=epoch,
         global_step=progress.step,
@@ -192,9 +207,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     """
     dist = init_distributed(resolve_device(cfg.train.device))
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    state, resume_path = _resumable_state(cfg, resume, run_dir)
+    state, resume_path = _resumable_state(cfg, resume, run_dir, dist)
     prepare_run_dir(cfg, run_dir, dist)
-    t, parts = cfg.train, build_training(cfg, dist)
+    t, parts = cfg.train, build_training(cfg, dist, resume_from=(state, resume_path) if state else None)
     if state is not None:
         progress = _restore(state, resume_path, parts, cfg)
     else:
@@ -226,8 +241,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         weights = parts.criterion.raw_weights()
         row = metrics_row(epoch, stats, summary, weights, peak_memory_mb(parts.device))
         recorder.record(row, parts.data.eval_split)
+        device_mb = device_memory_mb(parts.device)
         for message in health_warnings(
-            recorder.history, num_classes, t.warmup_epochs, progress.initial_weights
+            recorder.history, num_classes, t.warmup_epochs, progress.initial_weights, device_mb
         ):
             _logger.warning("health: %s", message)
         save_checkpoints(_checkpoint(parts, progress, epoch, cfg), run_dir / "checkpoints", is_best)

@@ -15,6 +15,7 @@ from conftest import TINY, TINY_KWARGS
 from safetensors.torch import save_file
 
 from dual_cross_attention.models import DualViT, UnsupportedBackboneError
+from dual_cross_attention.models.backbone import head_outputs
 
 FAMILIES = [
     ("deit_tiny_patch16_224", 1),
@@ -41,6 +42,25 @@ def test_every_family_runs_at_every_size(name, prefix_tokens, img_size):
         assert logits.shape == (2, 7) and torch.isfinite(logits).all()
     assert out.rollout.shape == (2, patches)
     assert out.local_index.shape == (2, math.ceil(0.1 * patches))
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_head_outputs_are_timms_forward_head_from_one_dropout_draw(name):
+    """Logits as timm's forward_head with the same head-dropout draw; features as its pre_logits."""
+    model = timm.create_model(
+        name, pretrained=False, num_classes=5, img_size=32, drop_rate=0.5, **TINY_KWARGS
+    )
+    model.train()
+    tokens = torch.randn(4, 16 + model.num_prefix_tokens, 48)
+    torch.manual_seed(7)
+    features, logits = head_outputs(model, tokens)
+    torch.manual_seed(7)
+    torch.testing.assert_close(logits, model.forward_head(tokens), rtol=0, atol=0)
+    torch.manual_seed(7)
+    torch.testing.assert_close(features, model.forward_head(tokens, pre_logits=True), rtol=0, atol=0)
+    if name == "deit_tiny_patch16_224":
+        torch.testing.assert_close(logits, model.head(features), rtol=0, atol=0)
+    assert (features == 0).any()  # the dropout was live
 
 
 def tiny_timm(num_classes: int = 5, img_size: int = 32, **extra) -> torch.nn.Module:

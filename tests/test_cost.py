@@ -1,11 +1,14 @@
-"""Cost targets of DESIGN section 4, as deterministic ratios (FLOPs, bytes saved for backward)."""
+"""The cost of a DCAL step against the plain ViT, as deterministic ratios (FLOPs, bytes saved
+for backward), read from ``diagnostics.cost.measure_costs``."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
 
-from dual_cross_attention.cost import count_flops, dcal_loss, measure_cost_ratios, saved_bytes
+from dual_cross_attention.diagnostics.cost import StepCosts, count_flops, measure_costs, saved_bytes
 from dual_cross_attention.models import DualViT
 
 
@@ -16,26 +19,23 @@ def deit_tiny_224() -> tuple[DualViT, torch.Tensor, torch.Tensor]:
     return model, torch.randn(2, 3, 224, 224), torch.tensor([3, 7])
 
 
-def test_train_and_inference_cost_ratios(deit_tiny_224):
+@pytest.fixture(scope="module")
+def costs(deit_tiny_224) -> StepCosts:
+    return measure_costs(*deit_tiny_224)
+
+
+def test_train_and_inference_cost_ratios(costs):
     """At 224 px attention is a smaller share than at 448, so these sit below the 448 figures
     (2.47x / 2.14x / 1.02x, printed by benchmarks/bench_model.py); the bounds are the targets."""
-    model, images, labels = deit_tiny_224
-    ratios = measure_cost_ratios(model, images, labels)
-    assert 2.0 < ratios.train_flops <= 2.5  # > 2: PWCA repeats every block over 2N keys
-    assert 1.5 < ratios.saved_bytes <= 2.3
-    assert 1.0 < ratios.inference_flops <= 1.05
+    ratios = costs.ratios()
+    assert 2.0 < ratios["train_flops"] <= 2.5  # > 2: PWCA repeats every block over 2N keys
+    assert 1.5 < ratios["saved_bytes"] <= 2.3
+    assert 1.0 < ratios["inference_flops"] <= 1.05
 
 
-def test_checkpointing_cuts_saved_bytes(deit_tiny_224):
-    model, images, labels = deit_tiny_224
-    model.train()
-    full = saved_bytes(lambda: dcal_loss(model, images, labels))
-    model.grad_checkpointing = True
-    try:
-        checkpointed = saved_bytes(lambda: dcal_loss(model, images, labels))
-    finally:
-        model.grad_checkpointing = False
-    assert checkpointed <= 0.5 * full
+def test_checkpointing_cuts_saved_bytes(costs, deit_tiny_224):
+    assert costs.dcal_checkpointed_bytes <= 0.5 * costs.dcal_saved_bytes
+    assert deit_tiny_224[0].grad_checkpointing is False  # measure_costs restores the model's setting
 
 
 def test_glca_overhead_matches_the_paper(deit_tiny_224):
@@ -50,3 +50,22 @@ def test_glca_overhead_matches_the_paper(deit_tiny_224):
         flops = count_flops(lambda: model(images[:1]))
         base_flops = count_flops(lambda: without(images[:1]))
     assert 1.0 < flops / base_flops <= 1.03
+
+
+def test_saved_bytes_counts_unique_storages_and_frees_them():
+    """softmax keeps its (4, 8) fp32 output and ``x * x`` keeps x once for both operands: 128 bytes
+    each. Outputs saved by their own node once formed a cycle through the autograd graph; the
+    count of live tensors must not grow across calls."""
+    x = torch.randn(4, 8, requires_grad=True)
+    assert saved_bytes(lambda: torch.softmax(x, dim=-1).sum()) == 4 * 8 * 4
+    assert saved_bytes(lambda: (x * x).sum()) == 4 * 8 * 4
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(issubclass(type(obj), torch.Tensor) for obj in gc.get_objects())
+
+    saved_bytes(lambda: torch.softmax(x, dim=-1).sum())
+    before = live_tensors()
+    for _ in range(3):
+        saved_bytes(lambda: torch.softmax(x, dim=-1).sum())
+    assert live_tensors() == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import torch
 from conftest import run, tiny_overrides
 
 from dual_cross_attention.checkpoint import load_checkpoint
+from dual_cross_attention.config import load_config
 from dual_cross_attention.data.synthetic import DemoSpec, generate_demo_dataset
 from dual_cross_attention.distributed import ShardSampler
+from dual_cross_attention.trainer import train
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = Path(__file__).parents[1]
@@ -75,3 +78,19 @@ def test_two_processes_train_evaluate_once_and_resume_alone(odd_sized_root, tmp_
     # The two-process checkpoint continues in a single process.
     resumed = run(odd_sized_root, tmp_path, "train.epochs=2", name="ddp", resume="auto")
     assert [row["epoch"] for row in resumed.history] == [0, 1]
+
+
+def test_resume_without_a_shared_run_folder_stops_every_process(odd_sized_root, tmp_path):
+    """Rank 0 finds last.pt, rank 1 (another node's disk) does not: no process may go on alone."""
+    base = [o for o in tiny_overrides(odd_sized_root, tmp_path, name="split") if not o.startswith("train.")]
+    base += ["train.batch_size=4", "train.device=cpu"]
+    rank0_runs = tmp_path / "rank0" / "runs"
+    (tmp_path / "rank1").mkdir(parents=True)
+    train(load_config(None, base + ["train.epochs=1", f"run.output_dir={rank0_runs}"]), show_progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+               str(WORKER), str(tmp_path), *base, "train.epochs=2", "run.output_dir=runs"]  # fmt: skip
+    env = {**os.environ, "DCAL_TEST_RANK_DIRS": str(tmp_path), "DCAL_TEST_RESUME": "auto"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode != 0
+    assert "cannot read" in done.stderr and "shares" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "weights_rank1.pt").exists()  # rank 1 did not train on from fresh weights

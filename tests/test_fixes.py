@@ -15,33 +15,34 @@ from types import ModuleType
 import pytest
 import torch
 
+from dual_cross_attention import builders
 from dual_cross_attention.builders import build_loss
 from dual_cross_attention.config import Config, load_config
 from dual_cross_attention.data.synthetic import DemoSpec
-from dual_cross_attention.fixes import CheckResult, LearningSpec, format_result
-from dual_cross_attention.fixes.branches import branch_checks
-from dual_cross_attention.fixes.learning import (
+from dual_cross_attention.diagnostics.branches import branch_checks
+from dual_cross_attention.diagnostics.cost import StepCosts, extrapolate_costs, measure_costs
+from dual_cross_attention.diagnostics.learning import (
+    LearningSpec,
     check_accuracy_rises,
     check_loss_finite,
     check_no_branch_collapse,
     run_short_training,
 )
-from dual_cross_attention.fixes.lr import check_cosine_end, check_warmup, lr_checks
-from dual_cross_attention.fixes.memory import (
-    StepCosts,
+from dual_cross_attention.diagnostics.lr import check_cosine_end, check_warmup, lr_checks
+from dual_cross_attention.diagnostics.memory import (
     check_checkpointing,
     check_cost_ratios,
     check_cuda_peak,
     check_memory_growth,
     cuda_peak_not_measured,
-    extrapolate_costs,
-    measure_costs,
+    cuda_peak_result,
 )
-from dual_cross_attention.fixes.probe import backbone_depth, build_probe_model, make_probe, probe_batch
-from dual_cross_attention.fixes.weighting import weighting_checks
+from dual_cross_attention.diagnostics.probe import backbone_depth, build_probe_model, make_probe, probe_batch
+from dual_cross_attention.diagnostics.result import CheckResult, format_result
+from dual_cross_attention.diagnostics.weighting import weighting_checks
 from dual_cross_attention.losses import DCALLoss, LossResult
 from dual_cross_attention.models import DualViT, DualViTOutput, dual_vit
-from dual_cross_attention.models.attention import project_qkv
+from dual_cross_attention.models.blocks import project_qkv
 from dual_cross_attention.optim import Schedule
 
 ROOT = Path(__file__).parents[1]
@@ -89,6 +90,21 @@ def test_lr_checks_fail_without_the_fix(override, failing, shown):
     assert results[failing].passed is False
     assert shown in results[failing].measured
     assert all(r.passed for name, r in results.items() if name != failing)
+
+
+@pytest.mark.parametrize(
+    "name, broken, failing",
+    [
+        # the trainer's sqrt rule taken against batch 512 instead of 16
+        ("scaled_lr", lambda base, batch, rule: (base * (batch / 512) ** 0.5, rule), "lr.sqrt_rule_at_16"),
+        # the trainer's effective batch without accumulation
+        ("effective_batch", lambda train, world_size: train.batch_size * world_size, "lr.config"),
+    ],
+)
+def test_lr_checks_fail_when_the_trainers_schedule_is_wrong(name, broken, failing, monkeypatch):
+    """The checks read the LR from ``builders.build_schedule``, the trainer's own schedule."""
+    monkeypatch.setattr(builders, name, broken)
+    assert by_name(lr_checks(load_config(RECIPE).train))[failing].passed is False
 
 
 class StopsShort(Schedule):
@@ -140,22 +156,23 @@ def test_costs_grow_linearly_with_depth(tiny_costs):
 
 
 def test_cost_checks_pass_at_twelve_blocks(tiny_costs):
-    """At 3 blocks GLCA is a third of the model; the DESIGN ratios are for 12-block ViTs."""
+    """At 3 blocks GLCA's extra block adds a third to the model; the bounds are set for 12-block ViTs."""
     costs = extrapolate_costs(tiny_costs[1], tiny_costs[2], 12)
     results = check_cost_ratios(costs, "tiny") + [check_checkpointing(costs, "tiny")]
     assert all(r.passed for r in results), [format_result(r) for r in results]
 
 
-def test_cost_checks_fail_on_the_old_implementations_figures(tiny_costs):
-    """DESIGN section 4: the replaced code had 2.9x FLOPs and 12x saved bytes."""
+def test_cost_checks_fail_when_attention_maps_are_kept(tiny_costs):
+    """A DCAL step that keeps the N x N maps for autograd and runs the distractor twice measures
+    2.9x FLOPs and 12x saved bytes on DeiT-Tiny at 448 px."""
     plain = tiny_costs[3]
-    old = replace(
+    kept = replace(
         plain,
         dcal_train_flops=2.9 * plain.plain_train_flops,
         dcal_saved_bytes=12 * plain.plain_saved_bytes,
         dcal_checkpointed_bytes=9 * plain.plain_saved_bytes,
     )
-    results = statuses(check_cost_ratios(old, "old") + [check_checkpointing(old, "old")])
+    results = statuses(check_cost_ratios(kept, "kept") + [check_checkpointing(kept, "kept")])
     assert results["memory.train_flops"] == results["memory.saved_bytes"] == "FAIL"
     assert results["memory.checkpointing"] == "FAIL"
 
@@ -203,6 +220,12 @@ def test_cuda_peak_is_skipped_on_a_cpu_and_refused_there():
     assert cuda_peak_not_measured(CPU).status == "SKIP"
     with pytest.raises(ValueError, match="CUDA"):
         check_cuda_peak(None, None, None, CPU, torch.float32, "")  # type: ignore[arg-type]
+
+
+def test_cuda_peak_is_judged_on_reserved_memory():
+    # 16 GiB card: 9.8 GiB allocated (61%) passes on allocation, but 15.2 GiB reserved does not fit.
+    assert cuda_peak_result(10_000.0, 15_600.0, 16_384.0, "probe").status == "FAIL"
+    assert cuda_peak_result(10_000.0, 12_000.0, 16_384.0, "probe").status == "PASS"
 
 
 def test_probe_reductions_are_stated():

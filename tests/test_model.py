@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, TINY_KWARGS
 
-from dual_cross_attention.cost import count_flops
+from dual_cross_attention.diagnostics.cost import count_flops
 from dual_cross_attention.models import DualViT, random_derangement
 
 

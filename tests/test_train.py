@@ -22,7 +22,7 @@ from dual_cross_attention.losses import DCALLoss, ModelWithLoss
 from dual_cross_attention.trainer import RunExistsError
 
 ROOT = Path(__file__).parents[1]
-TIME_COLUMNS = ["epoch_time_s", "peak_mem_mb"]
+TIME_COLUMNS = ["epoch_time_s", "peak_mem_mb", "peak_reserved_mb"]
 
 
 def test_two_epochs_write_metrics_config_and_checkpoints(cub_root, tmp_path):

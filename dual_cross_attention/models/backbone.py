@@ -1,4 +1,6 @@
-"""Build the timm Vision Transformer that DCAL drives, and load pretrained weights into it.
+"""Build the timm Vision Transformer that DCAL drives, load pretrained weights into it, and run
+its model-level parts (embedding, classifier head): the only module that reads
+``VisionTransformer`` internals.
 
 DCAL runs timm's blocks with its own forward, so only the plain pre-norm ``Block`` with the
 standard ``Attention`` is accepted; anything else is refused at build time with the reason,
@@ -15,6 +17,7 @@ import timm
 import torch
 from timm.layers import Attention
 from timm.models import load_state_dict
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -157,6 +160,49 @@ def _load_npz(model: VisionTransformer, file: Path) -> None:
             "that model.backbone names the architecture these weights were trained with."
         ) from err
     _logger.info("Loaded pretrained .npz weights from %s", file)
+
+
+def embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The tokens block 1 receives, as in timm's ``forward_features``: patch embedding, prefix
+    tokens and position embedding, patch dropout, pre-norm.
+
+    Args:
+        images: (B, 3, H, W).
+
+    Returns:
+        (B, N, C), prefix tokens first.
+    """
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+
+def pooled_features(model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The pre-logits features (B, C) of final-norm ``tokens`` (B, N, C): timm's
+    ``forward_head(pre_logits=True)``, the class token (the mean of class and distillation
+    tokens for a distilled DeiT) after fc_norm and head dropout."""
+    return model.forward_head(tokens, pre_logits=True)
+
+
+def head_outputs(model: VisionTransformer, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logits features and logits from one pass through the head, so head dropout draws one
+    mask for both.
+
+    For a plain ViT the logits are ``head(features)``. A distilled DeiT's logits average
+    head(class token) and head_dist(distillation token) while its features average the two
+    tokens, so its logits are not head(features); both are built here from the same dropped
+    tokens, as its ``forward_head`` does.
+
+    Args:
+        tokens: (B, N, C) output of the final norm.
+
+    Returns:
+        features (B, C) and logits (B, K), those of ``forward_head(tokens, pre_logits=True)`` and
+        ``forward_head(tokens)``.
+    """
+    if isinstance(model, VisionTransformerDistilled):
+        cls, dist = model.head_drop(tokens[:, 0]), model.head_drop(tokens[:, 1])  # (B, C) each
+        return (cls + dist) / 2, (model.head(cls) + model.head_dist(dist)) / 2
+    features = pooled_features(model, tokens)
+    return features, model.head(features)
 
 
 @torch.no_grad()

@@ -1,17 +1,18 @@
 """The DCAL model: a timm Vision Transformer driven as three streams.
 
 - SA: the backbone's L blocks on image I1 (the usual ViT).
-- GLCA (M=1): its own block, a copy of block L, in parallel with block L. Queries are the prefix
-  tokens plus the top-R patches by attention rollout; keys/values are all tokens of block L's
-  input. Its class token goes through its own norm and head.
 - PWCA (training only): the same L blocks, starting from I1's embeddings; at each block the
   keys/values are [own; SA keys/values of the distractor I2], which the SA stream of I2 has
   already computed, so I2 is never run twice.
+- GLCA (M=1): its own block, a copy of block L, in parallel with block L. Queries are the prefix
+  tokens plus the top-R patches by attention rollout; keys/values are all tokens of block L's
+  input. Its class token goes through its own norm and head.
 
-Gradient-carrying attention is fused (no N x N matrices kept for autograd). Rollout needs
-head-averaged maps but no gradient: in training they are recomputed from the queries/keys
-that autograd keeps anyway; without autograd the attention is computed explicitly once and its
-maps are reused.
+This module only wires the streams: ``blocks`` runs one timm block as an SA, PWCA or GLCA
+step, ``rollout`` scores the patches, ``backbone`` embeds the images and applies the head.
+Rollout needs head-averaged maps but no gradient: in training they are recomputed from the
+queries/keys that autograd keeps anyway; without autograd the attention is computed
+explicitly once and its maps are reused.
 """
 
 from __future__ import annotations
@@ -25,19 +26,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import (
-    explicit_attention,
-    fused_attention,
-    num_local_tokens,
-    output_projection,
-    project_kv,
-    project_q,
-    project_qkv,
-    rollout_cls_row,
-    rollout_from_qk,
-    select_local_tokens,
-)
-from .backbone import create_backbone
+from .backbone import create_backbone, embed, head_outputs, pooled_features
+from .blocks import glca_block, pwca_block, queries_keys, sa_block, sa_block_with_map
+from .rollout import num_local_tokens, rollout_cls_row, rollout_from_qk, select_local_tokens
 
 PREDICT_MODES = ("sa", "glca", "sa+glca")
 
@@ -55,19 +46,22 @@ class DualViTOutput:
     local_index: torch.Tensor | None = None  # (B, k) patches picked as GLCA queries, highest rollout first
 
 
-def random_derangement(n: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """A uniformly random permutation of range(n) with no fixed point (n >= 2), by rejection."""
-    identity = torch.arange(n)
-    while True:
-        perm = torch.randperm(n)
-        if not bool((perm == identity).any()):
-            return perm.to(device)
+def random_derangement(n: int, device: torch.device | str | None = None, tries: int = 32) -> torch.Tensor:
+    """A uniformly random permutation of range(n) with no fixed point (n >= 2), drawn on ``device``
+    without a host-device sync.
 
-
-def _block_tail(block: Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """Everything of a timm Block after attention: projection, residual, MLP, residual."""
-    x = x + block.drop_path1(block.ls1(output_projection(block.attn, attended)))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    ``tries`` uniform permutations are drawn at once and the first without a fixed point is kept
+    (exact rejection sampling). Only if all of them have one, with probability at most 2^-tries
+    (about (1 - 1/e)^tries for large n), a random rotation of the identity is used instead:
+    still a derangement, and the choice is made on the device (``torch.where``), not the host.
+    """
+    perms = torch.rand(tries, n, device=device).argsort(dim=1)  # (tries, n) uniform permutations
+    identity = torch.arange(n, device=device)
+    valid = (perms != identity).all(dim=1)  # (tries,)
+    first = valid.float().argmax()  # index of the first valid one (0 when none is)
+    shift = torch.randint(1, n, (), device=device)
+    rotation = (identity + shift) % n
+    return torch.where(valid.any(), perms[first], rotation)
 
 
 class DualViT(nn.Module):
@@ -136,16 +130,16 @@ class DualViT(nn.Module):
         if run_pwca:
             pair_index = self._check_pair_index(images.shape[0], pair_index, images.device)
         bb = self.backbone
-        x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))  # (B, N, C)
+        x = embed(bb, images)  # (B, N, C)
         if torch.is_grad_enabled():
             sa, pw, last_input, rollout = self._blocks_with_grad(x, pair_index if run_pwca else None)
         else:
             sa, pw, last_input, rollout = self._blocks_without_grad(x, pair_index if run_pwca else None)
 
-        sa = bb.norm(sa)
-        out = DualViTOutput(sa_logits=bb.forward_head(sa), sa_features=bb.forward_head(sa, pre_logits=True))
+        sa_features, sa_logits = head_outputs(bb, bb.norm(sa))
+        out = DualViTOutput(sa_logits=sa_logits, sa_features=sa_features)
         if pw is not None:
-            out.pwca_logits = bb.forward_head(bb.norm(pw))
+            out.pwca_logits = head_outputs(bb, bb.norm(pw))[1]
         if self.use_glca:
             out.rollout = rollout[:, self.num_prefix_tokens :]
             out.local_index = select_local_tokens(out.rollout, self.num_local_tokens)
@@ -176,7 +170,7 @@ class DualViT(nn.Module):
         if self.use_glca:
             blocks = list(self.backbone.blocks)
             last_first = zip(reversed(blocks), reversed(inputs), reversed(qk), strict=True)
-            rollout = rollout_from_qk(pair or self._queries_keys(b, inp) for b, inp, pair in last_first)
+            rollout = rollout_from_qk(pair or queries_keys(b, inp) for b, inp, pair in last_first)
         return x, pw, inputs[-1], rollout
 
     def _blocks_without_grad(
@@ -188,12 +182,10 @@ class DualViT(nn.Module):
         last_input = x
         for block in self.backbone.blocks:
             last_input = x
-            q, k, v = project_qkv(block.attn, block.norm1(x))
-            attended, head_mean = explicit_attention(block.attn, q, k, v)
+            x, k, v, head_mean = sa_block_with_map(block, x)
             maps.append(head_mean)
             if pw is not None:
                 pw = self._pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
-            x = _block_tail(block, x, attended)
         rollout = rollout_cls_row(maps[-1][:, 0], reversed(maps[:-1])) if self.use_glca else None
         return x, pw, last_input, rollout
 
@@ -202,44 +194,13 @@ class DualViT(nn.Module):
         block: Block, x: torch.Tensor, pw: torch.Tensor | None, pair_index: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """One block of the SA stream and, when given, of the PWCA stream (one checkpoint unit)."""
-        q, k, v = project_qkv(block.attn, block.norm1(x))  # (B, nh, N, hd)
+        x, q, k, v = sa_block(block, x)  # q, k, v: (B, nh, N, hd)
         if pw is not None:
             pw = DualViT._pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
-        x = _block_tail(block, x, fused_attention(block.attn, q, k, v))
         return x, pw, q.detach(), k.detach()
 
-    @staticmethod
-    def _pwca_block(block: Block, pw: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-        """PWCA at one block: own queries over [own keys; distractor keys] in one softmax."""
-        q, k, v = project_qkv(block.attn, block.norm1(pw))
-        attended = fused_attention(block.attn, q, torch.cat([k, k2], dim=2), torch.cat([v, v2], dim=2))
-        return _block_tail(block, pw, attended)
-
-    @staticmethod
-    @torch.no_grad()
-    def _queries_keys(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, _ = project_qkv(block.attn, block.norm1(x))
-        return q, k
-
-    def _glca(self, x: torch.Tensor, local_index: torch.Tensor) -> torch.Tensor:
-        """GLCA on block L's input ``x`` (B, N, C); returns pooled class-token features (B, C)."""
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            tokens = checkpoint(self._glca_tokens, x, local_index, use_reentrant=False)
-        else:
-            tokens = self._glca_tokens(x, local_index)
-        return self.backbone.forward_head(self.glca_norm(tokens), pre_logits=True)
-
-    def _glca_tokens(self, x: torch.Tensor, local_index: torch.Tensor) -> torch.Tensor:
-        """Prefix tokens + selected patches attend to all tokens; attention and MLP run on the
-        selected (P + k) tokens only."""
-        B, N, C = x.shape
-        block = self.glca_block
-        prefix = torch.arange(self.num_prefix_tokens, device=x.device).expand(B, -1)
-        rows = torch.cat([prefix, local_index + self.num_prefix_tokens], dim=1)  # (B, P + k)
-        selected = x.gather(1, rows.unsqueeze(-1).expand(-1, -1, C))  # (B, P + k, C)
-        k, v = project_kv(block.attn, block.norm1(x))  # (B, nh, N, hd)
-        q = project_q(block.attn, block.norm1(selected))  # (B, nh, P + k, hd)
-        return _block_tail(block, selected, fused_attention(block.attn, q, k, v))
+    # Looked up on the class by both paths, so replacing it (the fixes' breakage tests do) reaches both.
+    _pwca_block = staticmethod(pwca_block)
 
     def _check_pair_index(
         self, batch_size: int, pair_index: torch.Tensor | None, device: torch.device
@@ -262,6 +223,17 @@ class DualViT(nn.Module):
                 f"pair_index values must index the batch, in [0, {batch_size}): {pair_index.tolist()}"
             )
         return pair_index.to(device)
+
+    def _glca(self, x: torch.Tensor, local_index: torch.Tensor) -> torch.Tensor:
+        """GLCA on block L's input ``x`` (B, N, C); returns pooled class-token features (B, C)."""
+        B = x.shape[0]
+        prefix = torch.arange(self.num_prefix_tokens, device=x.device).expand(B, -1)
+        rows = torch.cat([prefix, local_index + self.num_prefix_tokens], dim=1)  # (B, P + k)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint(glca_block, self.glca_block, x, rows, use_reentrant=False)
+        else:
+            tokens = glca_block(self.glca_block, x, rows)
+        return pooled_features(self.backbone, self.glca_norm(tokens))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, mode: str = "sa+glca") -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The five checks of ``test_fixes.py`` in the issue's order, as one stream of results."""
+"""The five check groups of ``test_fixes.py``, in the order it prints them, as one stream of results."""
 
 from __future__ import annotations
 
@@ -11,19 +11,11 @@ import torch
 from ..builders import build_loss
 from ..config import Config
 from ..runtime import resolve_precision, seed_everything
+from . import memory
 from .branches import branch_checks
+from .cost import StepCosts, extrapolate_costs, measure_costs
 from .learning import LearningSpec, learning_checks
-from .lr import config_schedule, lr_checks
-from .memory import (
-    StepCosts,
-    check_checkpointing,
-    check_cost_ratios,
-    check_cuda_peak,
-    check_memory_growth,
-    cuda_peak_not_measured,
-    extrapolate_costs,
-    measure_costs,
-)
+from .lr import lr_checks, nominal_schedule
 from .probe import Probe, backbone_depth, build_probe_model, make_probe, probe_batch
 from .result import CheckResult, skipped
 from .weighting import weighting_checks
@@ -62,23 +54,19 @@ def _measure(probe: Probe, device: torch.device) -> StepCosts:
 
 def memory_checks(cfg: Config, device: torch.device, reduce: bool) -> list[CheckResult]:
     """Cost ratios and checkpointing at the config's image size; growth over 20 steps; CUDA peak.
-
-    The cost counts run last: the saved-bytes counter of ``cost.py`` currently leaves each
-    measured graph allocated (see ``measure_costs``), which would inflate the CUDA peak and the
-    live-tensor census of the other two.
-    """
+    The CUDA peak is measured first, while no other model is on the device."""
     amp_dtype = resolve_precision(cfg.train.precision, device)
     cuda_peak = _cuda_peak(cfg, device, amp_dtype)
     probe = _step_probe(cfg, reduce)
     model, criterion = build_probe_model(probe, device), build_loss(probe.cfg).to(device)
     batch = probe_batch(probe, _step_batch(cfg), device)
-    peak_lr = config_schedule(cfg.train).peak_lr
-    growth = check_memory_growth(model, criterion, batch, device, amp_dtype, lr=peak_lr)
+    peak_lr = nominal_schedule(cfg.train).peak_lr
+    growth = memory.check_memory_growth(model, criterion, batch, device, amp_dtype, lr=peak_lr)
     del model, criterion, batch
     costs, note = step_costs(cfg, device, reduce)
     return [
-        *check_cost_ratios(costs, note, uses_pwca=cfg.model.pwca),
-        check_checkpointing(costs, note),
+        *memory.check_cost_ratios(costs, note, uses_pwca=cfg.model.pwca),
+        memory.check_checkpointing(costs, note),
         _noted(growth, probe.note) if reduce else growth,
         cuda_peak,
     ]
@@ -87,11 +75,11 @@ def memory_checks(cfg: Config, device: torch.device, reduce: bool) -> list[Check
 def _cuda_peak(cfg: Config, device: torch.device, amp_dtype: torch.dtype) -> CheckResult:
     """The full model (no reductions) at the configured physical batch and image size."""
     if device.type != "cuda":
-        return cuda_peak_not_measured(device)
+        return memory.cuda_peak_not_measured(device)
     full = make_probe(cfg)
     model, criterion = build_probe_model(full, device), build_loss(full.cfg).to(device)
     batch = probe_batch(full, cfg.train.batch_size, device)
-    return check_cuda_peak(model, criterion, batch, device, amp_dtype, full.note)
+    return memory.check_cuda_peak(model, criterion, batch, device, amp_dtype, full.note)
 
 
 def _step_probe(cfg: Config, reduce: bool) -> Probe:

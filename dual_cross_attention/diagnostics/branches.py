@@ -1,10 +1,10 @@
 """Check 5, GLCA and PWCA: the two branches do what the paper says, on a real (probe) model.
 
-The implementation this project replaces shipped branches that did not work. Each check here
-tests one property against a reference written out here: rollout rows are distributions, GLCA's
-queries are the top-R patches by rollout, every parameter learns, PWCA's distractor changes its
-output (and so the loss) in training while inference does no PWCA work, and with each image as
-its own distractor PWCA is exactly SA (softmax over [K1; K1] gives K1's weights).
+Each check tests one property against a reference written out here: rollout rows are
+distributions, GLCA's queries are the top-R patches by rollout, every parameter learns, PWCA's
+distractor changes its output (and so the loss) in training while inference does no PWCA work,
+and with each image as its own distractor PWCA is exactly SA (softmax over [K1; K1] gives K1's
+weights).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cost import count_flops
 from ..losses import DCALLoss
 from ..models import DualViT, DualViTOutput
+from .cost import count_flops
 from .result import CheckResult, skipped
 
 MASS_TOLERANCE = 1e-4  # a rollout row over the patches may exceed 1 by this much (float rounding)

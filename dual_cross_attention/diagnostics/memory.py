@@ -1,100 +1,42 @@
-"""Check 2, memory: what a DCAL step keeps and computes against the plain ViT, that nothing
-accumulates across steps, that activation checkpointing saves memory, and on CUDA whether the
+"""Check 2, memory: what a DCAL step keeps and computes against the plain ViT, that activation
+checkpointing saves memory, that nothing accumulates across steps, and on CUDA whether the
 configured physical batch fits the device.
 
-The implementation this project replaces kept N x N attention matrices for autograd and ran
-the distractor image twice: 12x the plain ViT's saved bytes and 2.9x its FLOPs (DESIGN
-section 4). The targets below are that section's.
+The cost checks read a ``cost.StepCosts``. A DCAL step that keeps the N x N attention maps for
+autograd and runs the distractor image twice measures 12x the plain ViT's saved bytes and 2.9x
+its FLOPs on DeiT-Tiny at 448 px; this package measures 2.14x and 2.47x there
+(``benchmarks/bench_model.py``), and the bounds below sit just above those figures.
 """
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from ..cost import count_flops, dcal_loss, plain_loss, plain_vit_like, saved_bytes
 from ..engine import StepSettings, TrainingDiverged, train_one_epoch
 from ..losses import DCALLoss, ModelWithLoss
 from ..models import DualViT
 from ..optim import parameter_groups
-from ..runtime import grad_scaler
+from ..runtime import device_memory_mb, grad_scaler, peak_memory_mb, reset_peak_memory
+from .cost import StepCosts
 from .result import CheckResult, fmt_ratio, skipped
 
-TRAIN_FLOPS_MAX = 2.5  # DeiT-Tiny at 448 px; fewer tokens sit lower
+TRAIN_FLOPS_MAX = 2.5  # DeiT-Tiny at 448 px: 2.47x; fewer tokens sit lower (the 64 px demo: 2.14x)
 TRAIN_FLOPS_MIN = 2.0  # PWCA repeats every block: below this it did not run
-SAVED_BYTES_MAX = 2.3
-CHECKPOINTED_MAX = 0.5  # saved bytes with activation checkpointing over those without
-INFERENCE_FLOPS_MAX = 1.05
+SAVED_BYTES_MAX = 2.3  # DeiT-Tiny at 448 px: 2.14x
+CHECKPOINTED_MAX = 0.5  # saved bytes with activation checkpointing over those without: 0.07x measured
+INFERENCE_FLOPS_MAX = 1.05  # 1.02x at 448 px; GLCA's one block is a larger share of the 64 px demo: 1.04x
 GROWTH_STEPS = 20
 CUDA_FIT_FRACTION = 0.9  # leave room for the allocator's fragmentation and other processes
 
 
-@dataclass(frozen=True)
-class StepCosts:
-    """Exact cost counts of one training step (and one inference) of a DCAL model and of its plain
-    ViT, same batch. Every field grows linearly with the number of blocks (all blocks cost the
-    same; GLCA is one extra block), which is what lets ``extrapolate_costs`` scale them."""
-
-    dcal_train_flops: float
-    plain_train_flops: float
-    dcal_saved_bytes: float
-    plain_saved_bytes: float
-    dcal_checkpointed_bytes: float  # DCAL with activation checkpointing
-    dcal_inference_flops: float
-    plain_inference_flops: float
-
-
-def measure_costs(model: DualViT, images: torch.Tensor, labels: torch.Tensor) -> StepCosts:
-    """FLOPs (math attention) and bytes saved for backward, counted as the cost benchmarks do.
-    Leaves ``model`` in training mode without gradients.
-
-    ``cost.saved_bytes`` packs each saved tensor as itself, which for a tensor saved by the node
-    that produced it (softmax, GELU outputs) makes a cycle through autograd's C++ graph that
-    Python's garbage collector cannot free: each call leaves its activations allocated until the
-    process ends (packing ``tensor.detach()`` there avoids it). ``suite.memory_checks`` therefore
-    runs this after the checks that measure memory.
-    """
-    plain = plain_vit_like(model)
-    plain.train()
-    model.train()
-    was = model.grad_checkpointing
-    try:
-        model.grad_checkpointing = False
-        dcal_train = count_flops(lambda: dcal_loss(model, images, labels).backward())
-        dcal_bytes = saved_bytes(lambda: dcal_loss(model, images, labels))
-        model.grad_checkpointing = True
-        checkpointed = saved_bytes(lambda: dcal_loss(model, images, labels))
-    finally:
-        model.grad_checkpointing = was
-    plain_train = count_flops(lambda: plain_loss(plain, images, labels).backward())
-    plain_bytes = saved_bytes(lambda: plain_loss(plain, images, labels))
-    model.eval()
-    plain.eval()
-    with torch.no_grad():
-        dcal_inference = count_flops(lambda: model(images))
-        plain_inference = count_flops(lambda: plain(images))
-    model.train()
-    model.zero_grad(set_to_none=True)
-    return StepCosts(
-        dcal_train, plain_train, dcal_bytes, plain_bytes, checkpointed, dcal_inference, plain_inference
-    )
-
-
-def extrapolate_costs(one_block: StepCosts, two_blocks: StepCosts, depth: int) -> StepCosts:
-    """The costs at ``depth`` blocks from those at 1 and 2 blocks: c(L) = c(1) + (L - 1)(c(2) - c(1))."""
-    return StepCosts(
-        *(a + (depth - 1) * (b - a) for a, b in zip(astuple(one_block), astuple(two_blocks), strict=True))
-    )
-
-
 def check_cost_ratios(costs: StepCosts, note: str, uses_pwca: bool = True) -> list[CheckResult]:
     """Train-step FLOPs, bytes saved for backward and inference FLOPs over the plain ViT."""
-    train = costs.dcal_train_flops / costs.plain_train_flops
-    kept = costs.dcal_saved_bytes / costs.plain_saved_bytes
-    inference = costs.dcal_inference_flops / costs.plain_inference_flops
+    ratios = costs.ratios()
+    train, kept, inference = ratios["train_flops"], ratios["saved_bytes"], ratios["inference_flops"]
     low = TRAIN_FLOPS_MIN if uses_pwca else 1.0
     return [
         CheckResult(
@@ -107,7 +49,7 @@ def check_cost_ratios(costs: StepCosts, note: str, uses_pwca: bool = True) -> li
             "memory.saved_bytes",
             kept <= SAVED_BYTES_MAX,
             f"{fmt_ratio(kept)} of the plain ViT ({note})",
-            f"<= {SAVED_BYTES_MAX}x (no N x N attention kept for autograd; the old code: 12x)",
+            f"<= {SAVED_BYTES_MAX}x (no N x N attention kept for autograd)",
         ),
         CheckResult(
             "memory.inference_flops",
@@ -119,13 +61,13 @@ def check_cost_ratios(costs: StepCosts, note: str, uses_pwca: bool = True) -> li
 
 
 def check_checkpointing(costs: StepCosts, note: str) -> CheckResult:
-    """Activation checkpointing must cut the bytes autograd keeps (the fix for out-of-memory at 448 px)."""
-    ratio = costs.dcal_checkpointed_bytes / costs.dcal_saved_bytes
+    """Activation checkpointing must cut the bytes autograd keeps (ViT-B at 448 px: 133 of 2384 MiB)."""
+    ratio, kept, full = costs.ratios()["checkpointed"], costs.dcal_checkpointed_bytes, costs.dcal_saved_bytes
     return CheckResult(
         "memory.checkpointing",
         ratio <= CHECKPOINTED_MAX,
-        f"{fmt_ratio(ratio)} of the saved bytes without it ({costs.dcal_checkpointed_bytes / 2**20:.1f} of "
-        f"{costs.dcal_saved_bytes / 2**20:.1f} MiB; {note})",
+        f"{fmt_ratio(ratio)} of the saved bytes without it ({kept / 2**20:.1f} of {full / 2**20:.1f} MiB; "
+        f"{note})",
         f"<= {CHECKPOINTED_MAX}x",
     )
 
@@ -240,7 +182,7 @@ def check_memory_growth(
 
 
 CUDA_PEAK = "memory.cuda_peak"
-CUDA_PEAK_EXPECTED = f"<= {CUDA_FIT_FRACTION:.0%} of the device's memory"
+CUDA_PEAK_EXPECTED = f"reserved <= {CUDA_FIT_FRACTION:.0%} of the device's memory"
 
 
 def cuda_peak_not_measured(device: torch.device) -> CheckResult:
@@ -257,17 +199,23 @@ def check_cuda_peak(
     amp_dtype: torch.dtype,
     note: str,
 ) -> CheckResult:
-    """Peak allocated CUDA memory of two optimizer steps at the configured physical batch and image
-    size (the second step holds the optimizer state), against the device's memory."""
+    """Peak CUDA memory of two optimizer steps at the configured physical batch and image size
+    (the second step holds the optimizer state), against the device's memory."""
     if device.type != "cuda":
         raise ValueError(f"the peak-memory check measures CUDA memory; got device {device}")
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     train_steps(model, criterion, batch, device, amp_dtype, lr=1e-4, steps=2)
-    peak = torch.cuda.max_memory_allocated(device)
-    total = torch.cuda.get_device_properties(device).total_memory
+    allocated, reserved = peak_memory_mb(device)
+    setup = f"{note}, batch {batch[0].shape[0]}, {str(amp_dtype).removeprefix('torch.')}"
+    return cuda_peak_result(allocated, reserved, device_memory_mb(device), setup)
+
+
+def cuda_peak_result(allocated_mb: float, reserved_mb: float, total_mb: float, setup: str) -> CheckResult:
+    """Judged on reserved memory: what the caching allocator holds from the device (allocations
+    plus its cache and fragmentation) is what runs out, even while the allocated peak looks fine."""
     measured = (
-        f"{peak / 2**30:.2f} GiB of {total / 2**30:.1f} GiB ({peak / total:.0%}; {note}, "
-        f"batch {batch[0].shape[0]}, {str(amp_dtype).removeprefix('torch.')})"
+        f"{reserved_mb / 1024:.2f} GiB reserved ({allocated_mb / 1024:.2f} GiB allocated) of "
+        f"{total_mb / 1024:.1f} GiB ({reserved_mb / total_mb:.0%}; {setup})"
     )
-    return CheckResult(CUDA_PEAK, peak <= CUDA_FIT_FRACTION * total, measured, CUDA_PEAK_EXPECTED)
+    return CheckResult(CUDA_PEAK, reserved_mb <= CUDA_FIT_FRACTION * total_mb, measured, CUDA_PEAK_EXPECTED)

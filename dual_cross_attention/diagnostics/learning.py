@@ -1,9 +1,9 @@
 """Check 3, learning: a short training of the demo model through the real trainer.
 
-The implementation this project replaces lost accuracy epoch after epoch. Here the demo config
-is trained by ``trainer.train`` (data, model, loss, LR schedule, loop, evaluation: everything a
-run uses) on a smaller copy of the demo set in a temporary directory, and its per-epoch metrics
-are checked: accuracy rises, the loss stays finite, no branch collapses.
+The demo config is trained by ``trainer.train`` (data, model, loss, LR schedule, loop,
+evaluation: everything a run uses) on a smaller copy of the demo set in a temporary directory,
+and its per-epoch metrics are checked: test accuracy rises (by 30 points or more; 17 -> 100 %
+in 4 epochs with seed 0), the loss stays finite, no branch collapses.
 """
 
 from __future__ import annotations

@@ -1,26 +1,24 @@
 """Check 1, the learning rate: the rule that gives 5e-4 at effective batch 16, warmup and cosine.
 
-The implementation this project replaces used the paper's linear rule (5e-4 / 512 x batch),
-which at the physical batch 2 x accumulation 8 that fits one GPU gives 1.5625e-5, 32 times
-less than the 5e-4 ViT fine-tuning needs there. The fix is square-root scaling from 5e-4 at
-effective batch 16, after a warmup. These checks call the package's rule and schedule and
-compare them with the formulas written out here.
+The linear rule of the paper (5e-4 x B/512) gives 1.5625e-5 at the physical batch 2 x
+accumulation 8 that fits one GPU, 32x below the 5e-4 ViT fine-tuning needs there; the sqrt rule
+(5e-4 x sqrt(B/16)) gives 5e-4. Every LR here comes from ``builders.build_schedule``, the
+schedule the trainer builds, and is compared with those formulas written out in the checks,
+with the effective batch written out too (batch x accumulation, one process).
 """
 
 from __future__ import annotations
 
 import math
 
+from .. import builders
 from ..config import TrainConfig
-from ..optim import Schedule, scaled_lr
+from ..optim import Schedule
 from .result import CheckResult
 
-REFERENCE_BASE_LR = 5e-4
-REFERENCE_BATCH = 16  # the paper's batch; the sqrt rule's base_lr is the LR at this batch
-SQRT_LR_AT_16 = 5e-4
-LINEAR_LR_AT_16 = 1.5625e-5  # 5e-4 / 512 x 16
 # The schedule's shape does not depend on the dataset size, so it is checked over a nominal epoch.
 NOMINAL_STEPS_PER_EPOCH = 100
+WORLD_SIZE = 1  # test_fixes.py runs in one process
 LOW_START = 0.1  # the first warmup step may use at most this fraction of the peak LR
 END_TOLERANCE = 0.01  # the last optimizer step's LR may sit this fraction of (peak - min_lr) above min_lr
 
@@ -29,48 +27,43 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
 
 
-def check_sqrt_rule() -> CheckResult:
-    """The package's sqrt rule gives 5e-4 at effective batch 16 (the shipped fix)."""
-    lr, _ = scaled_lr(REFERENCE_BASE_LR, REFERENCE_BATCH, "sqrt")
-    return CheckResult(
-        "lr.sqrt_rule_at_16",
-        _close(lr, SQRT_LR_AT_16),
-        f"{lr:.6g}",
-        f"{SQRT_LR_AT_16:g} = 5e-4 x sqrt(16/16)",
-    )
+def nominal_schedule(train: TrainConfig) -> Schedule:
+    """The schedule the trainer builds for a one-process run of ``train`` whose epochs are
+    ``NOMINAL_STEPS_PER_EPOCH`` optimizer steps."""
+    batches = NOMINAL_STEPS_PER_EPOCH * train.gradient_accumulation_steps
+    schedule, _ = builders.build_schedule(train, batches, WORLD_SIZE)
+    return schedule
 
 
-def check_linear_rule() -> CheckResult:
-    """The paper's linear rule stays available and gives 1.5625e-5 at batch 16."""
-    lr, _ = scaled_lr(REFERENCE_BASE_LR, REFERENCE_BATCH, "linear")
-    return CheckResult(
-        "lr.linear_rule_at_16",
-        _close(lr, LINEAR_LR_AT_16),
-        f"{lr:.6g}",
-        f"{LINEAR_LR_AT_16:g} = 5e-4 x 16/512",
-    )
-
-
-def effective_batch(train: TrainConfig) -> int:
-    """Images per optimizer step in a single-process run."""
-    return train.batch_size * train.gradient_accumulation_steps
+def check_rule_at_16(rule: str) -> CheckResult:
+    """The trainer's peak LR for base_lr 5e-4 at effective batch 16 (16 x 1 accumulation) under
+    ``rule``: 5e-4 for sqrt, 1.5625e-5 for the paper's linear rule."""
+    at_16 = TrainConfig(base_lr=5e-4, batch_size=16, gradient_accumulation_steps=1, lr_scaling=rule)
+    lr = nominal_schedule(at_16).peak_lr
+    references = {
+        "sqrt": (5e-4 * math.sqrt(16 / 16), "5e-4 x sqrt(16/16)"),
+        "linear": (5e-4 * 16 / 512, "5e-4 x 16/512"),
+    }
+    reference, formula = references[rule]
+    name, expected = f"lr.{rule}_rule_at_16", f"{reference:g} = {formula}"
+    return CheckResult(name, _close(lr, reference), f"{lr:.6g}", expected)
 
 
 def check_config_lr(train: TrainConfig) -> CheckResult:
     """The config's peak LR against the sqrt rule written out. ``lr_scaling: none`` passes (an LR
     set by hand, as the demo's); ``linear`` fails, because it is the rule that stalled training."""
-    batch = effective_batch(train)
-    lr, _ = scaled_lr(train.base_lr, batch, train.lr_scaling)
+    lr, used = nominal_schedule(train).peak_lr, builders.effective_batch(train, WORLD_SIZE)
     measured = (
-        f"{lr:.6g} (lr_scaling {train.lr_scaling}, effective batch {batch} = {train.batch_size} x "
+        f"{lr:.6g} (lr_scaling {train.lr_scaling}, effective batch {used} = {train.batch_size} x "
         f"{train.gradient_accumulation_steps} accumulation, 1 process)"
     )
-    sqrt_lr = train.base_lr * math.sqrt(batch / REFERENCE_BATCH)
+    batch = train.batch_size * train.gradient_accumulation_steps  # the reference: one process
+    sqrt_lr = train.base_lr * math.sqrt(batch / 16)
     if train.lr_scaling == "none":
         return CheckResult(
             "lr.config", _close(lr, train.base_lr), measured, f"{train.base_lr:.4g}, base_lr as set"
         )
-    expected = f"{sqrt_lr:.6g} = {train.base_lr:g} x sqrt({batch}/{REFERENCE_BATCH})"
+    expected = f"{sqrt_lr:.6g} = {train.base_lr:g} x sqrt({batch}/16)"
     if train.lr_scaling == "linear":
         expected += (
             f" (the linear rule gives {sqrt_lr / lr:.0f}x less, the LR that stalled training: "
@@ -78,18 +71,6 @@ def check_config_lr(train: TrainConfig) -> CheckResult:
         )
         return CheckResult("lr.config", False, measured, expected)
     return CheckResult("lr.config", _close(lr, sqrt_lr), measured, expected)
-
-
-def config_schedule(train: TrainConfig, steps_per_epoch: int = NOMINAL_STEPS_PER_EPOCH) -> Schedule:
-    """The warmup + cosine schedule a single-process run of ``train`` uses, as the trainer builds
-    it (warmup rounded to whole optimizer steps)."""
-    peak, _ = scaled_lr(train.base_lr, effective_batch(train), train.lr_scaling)
-    return Schedule(
-        peak_lr=peak,
-        min_lr=train.min_lr,
-        warmup_steps=round(train.warmup_epochs * steps_per_epoch),
-        total_steps=train.epochs * steps_per_epoch,
-    )
 
 
 def check_warmup(schedule: Schedule) -> CheckResult:
@@ -139,10 +120,10 @@ def check_cosine_end(schedule: Schedule) -> CheckResult:
 
 
 def lr_checks(train: TrainConfig) -> list[CheckResult]:
-    schedule = config_schedule(train)
+    schedule = nominal_schedule(train)
     return [
-        check_sqrt_rule(),
-        check_linear_rule(),
+        check_rule_at_16("sqrt"),
+        check_rule_at_16("linear"),
         check_config_lr(train),
         check_warmup(schedule),
         check_cosine_end(schedule),

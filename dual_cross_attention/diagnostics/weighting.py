@@ -1,9 +1,8 @@
 """Check 4, loss weighting: the learned uncertainty weights move and tell the branches apart.
 
-The implementation this project replaces had weights that never differentiated. Here the real
-loss module is trained, with the trainer's optimizer groups and its projection after each step,
-on a controlled case: constant branch losses that differ. Kendall's loss
-0.5 (exp(-w) L + w) is smallest at w = log L, so each weight must leave its start and the
+The loss module a run builds is trained, with the trainer's optimizer groups and its
+projection after each step, on a controlled case: constant branch losses that differ. Kendall's
+loss 0.5 (exp(-w) L + w) is smallest at w = log L, so each weight must leave its start and the
 weights must end ordered as their losses (up to ``loss.clamp``). Weights whose gradient is cut,
 that are frozen or missing from the optimizer, or that a tiny clamp pins, fail.
 """

@@ -10,6 +10,7 @@ import math
 
 FALLING_EPOCHS = 3  # train accuracy falling this many epochs in a row is worth a warning
 WEIGHT_MOVE_MIN = 1e-3  # uncertainty weights that moved less than this have not learned
+NEAR_LIMIT = 0.9  # share of the device's memory reserved at the peak that is worth a warning
 
 
 def glca_near_chance(history: list[dict], num_classes: int, warmup_epochs: float) -> str | None:
@@ -53,13 +54,34 @@ def train_accuracy_falling(history: list[dict]) -> str | None:
     )
 
 
+def memory_near_limit(history: list[dict], device_mb: float | None) -> str | None:
+    """Reserved, not allocated, memory is what runs out: the caching allocator holds more than
+    the tensors need (cache, fragmentation), and an epoch that peaks close to the device's
+    memory can fail with out-of-memory on a later, larger step."""
+    row = history[-1]
+    reserved = row.get("peak_reserved_mb")
+    if device_mb is None or reserved is None or reserved <= NEAR_LIMIT * device_mb:
+        return None
+    return (
+        f"epoch {row['epoch']} peaked at {reserved:.0f} MiB reserved ({row['peak_mem_mb']:.0f} MiB "
+        f"allocated) of the device's {device_mb:.0f} MiB: close to out-of-memory. Set "
+        "model.grad_checkpointing: true, or lower train.batch_size and raise "
+        "train.gradient_accumulation_steps to keep the effective batch."
+    )
+
+
 def health_warnings(
-    history: list[dict], num_classes: int, warmup_epochs: float, initial_weights: dict[str, float]
+    history: list[dict],
+    num_classes: int,
+    warmup_epochs: float,
+    initial_weights: dict[str, float],
+    device_mb: float | None = None,
 ) -> list[str]:
-    """All warnings that apply after the latest epoch."""
+    """All warnings that apply after the latest epoch (``device_mb``: the GPU's memory, None on a CPU)."""
     checks = (
         glca_near_chance(history, num_classes, warmup_epochs),
         weights_not_moving(history, initial_weights),
         train_accuracy_falling(history),
+        memory_near_limit(history, device_mb),
     )
     return [message for message in checks if message]
