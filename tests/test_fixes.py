@@ -331,7 +331,7 @@ def test_branch_checks_pass():
     assert set(run_branch_checks().values()) == {"PASS"}
 
 
-original_pwca_block = DualViT._pwca_block
+original_pwca_block = dual_vit.pwca_block
 original_blocks_without_grad = DualViT._blocks_without_grad
 
 
@@ -353,8 +353,8 @@ def pwca_also_at_inference(self, x, pair_index):
 BREAKAGES = {
     "branches.glca_top_r": (dual_vit, "select_local_tokens", lambda r, k: r.topk(k, largest=False).indices),
     "branches.rollout_rows": (dual_vit, "rollout_from_qk", lambda qk: -torch.ones(4, 17)),
-    "branches.pwca_in_training": (DualViT, "_pwca_block", staticmethod(pwca_without_distractor)),
-    "branches.identity_pairs": (DualViT, "_pwca_block", staticmethod(pwca_with_scaled_distractor)),
+    "branches.pwca_in_training": (dual_vit, "pwca_block", pwca_without_distractor),
+    "branches.identity_pairs": (dual_vit, "pwca_block", pwca_with_scaled_distractor),
     "branches.pwca_not_at_inference": (DualViT, "_blocks_without_grad", pwca_also_at_inference),
 }
 

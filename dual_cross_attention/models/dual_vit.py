@@ -185,7 +185,7 @@ class DualViT(nn.Module):
             x, k, v, head_mean = sa_block_with_map(block, x)
             maps.append(head_mean)
             if pw is not None:
-                pw = self._pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
+                pw = pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
         rollout = rollout_cls_row(maps[-1][:, 0], reversed(maps[:-1])) if self.use_glca else None
         return x, pw, last_input, rollout
 
@@ -196,11 +196,8 @@ class DualViT(nn.Module):
         """One block of the SA stream and, when given, of the PWCA stream (one checkpoint unit)."""
         x, q, k, v = sa_block(block, x)  # q, k, v: (B, nh, N, hd)
         if pw is not None:
-            pw = DualViT._pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
+            pw = pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
         return x, pw, q.detach(), k.detach()
-
-    # Looked up on the class by both paths, so replacing it (the fixes' breakage tests do) reaches both.
-    _pwca_block = staticmethod(pwca_block)
 
     def _check_pair_index(
         self, batch_size: int, pair_index: torch.Tensor | None, device: torch.device
