@@ -15,10 +15,8 @@ import logging
 import os
 import sys
 
-from dual_cross_attention.checkpoint import CheckpointError
-from dual_cross_attention.config import ConfigError
-from dual_cross_attention.data import DataError
 from dual_cross_attention.distributed import cleanup
+from dual_cross_attention.errors import DcalError
 from dual_cross_attention.evaluation import evaluate_checkpoint, format_report, write_json
 from dual_cross_attention.inference import TTA_CHOICES
 
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             visualize=args.visualize, tta=args.tta, throughput_iterations=args.throughput_iters,
             show_progress=not args.no_progress,
         )  # fmt: skip
-    except (CheckpointError, ConfigError, DataError, ValueError) as err:
+    except DcalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

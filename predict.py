@@ -13,8 +13,7 @@ import argparse
 import logging
 import sys
 
-from dual_cross_attention.checkpoint import CheckpointError
-from dual_cross_attention.config import ConfigError
+from dual_cross_attention.errors import DcalError
 from dual_cross_attention.inference import TTA_CHOICES
 from dual_cross_attention.models import PREDICT_MODES
 from dual_cross_attention.prediction import (
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         predictions, unreadable = predict_files(
             trained, paths, mode=args.mode, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta
         )
-    except (CheckpointError, ConfigError, ValueError) as err:
+    except DcalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(format_predictions(predictions, skipped + unreadable))

@@ -30,9 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-from dual_cross_attention.config import ConfigError, load_config
+from dual_cross_attention.config import load_config
 from dual_cross_attention.diagnostics.result import format_result
 from dual_cross_attention.diagnostics.suite import run_checks
+from dual_cross_attention.errors import DcalError
 from dual_cross_attention.runtime import resolve_device
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config or DEMO_CONFIG)
         demo_cfg = load_config(DEMO_CONFIG)
         device = resolve_device(args.device)
-    except (ConfigError, RuntimeError) as err:
+    except DcalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     reduce = device.type == "cpu" and args.config is not None

@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from dual_cross_attention.config import ConfigError, load_config
+from dual_cross_attention.config import load_config
 from dual_cross_attention.distributed import cleanup
-from dual_cross_attention.engine import TrainingDiverged
+from dual_cross_attention.errors import DcalError
 from dual_cross_attention.lr_finder import LRFindResult, find_lr
-from dual_cross_attention.trainer import RunExistsError, train
+from dual_cross_attention.trainer import train
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -47,19 +48,50 @@ def report_lr_find(result: LRFindResult, config_lr: float, rule: str) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster pre-empting the job), handled like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments with --resume auto."""
+    args, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--resume="):
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        args.append(arg)
+    return " ".join(["python train.py", *args, "--resume auto"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.lr_find:
             return report_lr_find(*find_lr(cfg))
         result = train(cfg, resume=args.resume, show_progress=not args.no_progress)
-    except (ConfigError, RunExistsError, TrainingDiverged) as err:
+    except DcalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print(
+            f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: checkpoints/last.pt holds the last "
+            f"completed epoch; continue with: {resume_command(sys.argv[1:] if argv is None else argv)}",
+            file=sys.stderr,
+        )
+        return 143 if terminated else 130
     finally:
         cleanup()
     if not result.history:  # not rank 0 under torchrun (rank 0 reports), or nothing left to train

@@ -18,9 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import Config, DataConfig, TrainConfig
-from .data import ImageDataset, build_dataset, build_splits
+from .data import DataError, ImageDataset, build_dataset, build_splits
 from .data.transforms import ImagePipeline, build_eval_transform, build_train_transform
 from .distributed import DistInfo, ShardSampler, main_process_first, process_device
+from .errors import UsageError
 from .losses import DCALLoss, ModelWithLoss
 from .models import DualViT
 from .optim import Schedule, parameter_groups, scaled_lr
@@ -48,6 +49,10 @@ def build_model(cfg: Config, num_classes: int) -> DualViT:
         top_ratio=m.top_ratio,
         glca=m.glca,
         pwca=m.pwca,
+        glca_readout=m.glca_readout,
+        glca_select=m.glca_select,
+        glca_kv=m.glca_kv,
+        pwca_blocks=m.pwca_blocks,
         drop_path_rate=m.drop_path_rate,
         grad_checkpointing=m.grad_checkpointing,
         backbone_kwargs=dict(m.backbone_kwargs),
@@ -66,12 +71,16 @@ def build_loss(cfg: Config) -> DCALLoss:
     )
 
 
-def normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std the backbone was pretrained with (timm's pretrained_cfg for that name and tag)."""
-    pretrained_cfg = timm.models.get_pretrained_cfg(backbone)
+def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std: ``data.mean``/``data.std`` when set, else what the backbone was pretrained
+    with (timm's pretrained_cfg for that name and tag)."""
+    if cfg.data.mean is not None:
+        return tuple(cfg.data.mean), tuple(cfg.data.std)
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.model.backbone)
     if pretrained_cfg is None:
-        raise ValueError(
-            f"timm has no pretrained_cfg for '{backbone}', so its input normalization is unknown"
+        raise UsageError(
+            f"timm has no pretrained_cfg for '{cfg.model.backbone}', so its input normalization is unknown: "
+            "set data.mean and data.std (e.g. [0.485, 0.456, 0.406] and [0.229, 0.224, 0.225])"
         )
     return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
 
@@ -88,18 +97,18 @@ def _dataset_options(d: DataConfig) -> dict[str, Any]:
 
 def build_eval_pipeline(cfg: Config) -> ImagePipeline:
     """The deterministic resize + center-crop + normalize pipeline a run evaluates with."""
-    mean, std = normalization(cfg.model.backbone)
+    mean, std = normalization(cfg)
     return build_eval_transform(cfg.data.img_size, cfg.data.resize_size, mean, std)
 
 
 def build_datasets(cfg: Config) -> DataBundle:
     """Train and model-selection datasets with their transforms (val when there is one, else test)."""
     d = cfg.data
-    mean, std = normalization(cfg.model.backbone)
+    mean, std = normalization(cfg)
     splits = build_splits(
         d.dataset,
         d.root,
-        build_train_transform(d.img_size, d.resize_size, mean, std),
+        build_train_transform(d.img_size, d.resize_size, mean, std, hflip=d.hflip),
         build_eval_pipeline(cfg),
         **_dataset_options(d),
     )
@@ -128,7 +137,7 @@ def build_loaders(
     """
     batch = cfg.train.batch_size
     if len(data.train) < batch * dist.world_size:
-        raise ValueError(
+        raise DataError(
             f"the training split has {len(data.train)} images, fewer than train.batch_size={batch} x "
             f"{dist.world_size} processes"
         )
@@ -264,6 +273,6 @@ def load_weights(
 ) -> None:
     """Model and loss weights of a training checkpoint, for a run on the same classes."""
     if list(state["classes"]) != classes:
-        raise ValueError(f"cannot resume {path}: the dataset's classes differ from the checkpoint's")
+        raise UsageError(f"cannot resume {path}: the dataset's classes differ from the checkpoint's")
     model.load_state_dict(state["model"])
     criterion.load_state_dict(state["loss"])

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import DcalError
+
 _logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DcalError, RuntimeError):
     """A checkpoint cannot be read or does not fit this run."""
 
 

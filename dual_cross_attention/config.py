@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """A config file or override does not fit the schema; the message says how to fix it."""
 
 
@@ -34,6 +36,9 @@ class DataConfig:
     eval_batch_size: int | None = None  # default: 2 x train.batch_size
     level: str = "variant"  # aircraft: variant | family | manufacturer
     crop_banner: bool = True  # aircraft: drop the 20 px copyright banner
+    hflip: bool = True  # random horizontal flip in training (off for text, digits, chirality)
+    mean: list | None = None  # per-channel input mean; null: the backbone's pretrained_cfg
+    std: list | None = None  # per-channel input std; null: the backbone's pretrained_cfg
 
 
 @dataclass
@@ -45,6 +50,10 @@ class ModelConfig:
     top_ratio: float = 0.1
     glca: bool = True
     pwca: bool = True
+    glca_readout: str = "cls"  # cls | local | cls+local: what GLCA's head reads
+    glca_select: str = "rollout"  # rollout | last | random: how GLCA's local patches are picked
+    glca_kv: str = "global"  # global | local: GLCA's keys/values, all tokens or prefix + local ones
+    pwca_blocks: int | str = "all"  # all | T in [0, depth]: PWCA in the last T blocks only
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
 
@@ -66,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     empty_cache_every: int = 50  # optimizer steps between torch.cuda.empty_cache() calls; 0: never
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    checkpoint_every: int = 0  # also keep checkpoints/epoch_<N>.pt every N epochs; 0: only last/best
+    keep_checkpoints: int | None = None  # keep only the newest K epoch_<N>.pt; null: all
+    select_on_test: bool = False  # without a val split, pick best.pt on test top-1 (else: the last epoch)
 
 
 @dataclass
@@ -81,6 +93,8 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "runs"
     tensorboard: bool = False
+    wandb: bool = False  # also log metrics and curves.png to Weights & Biases (pip install wandb)
+    wandb_project: str = "dcal"  # the W&B project of run.wandb
     log_every: int = 10  # optimizer steps between progress-bar updates
     stop_after_epochs: int | None = None  # stop cleanly after this many epochs in this invocation
 
@@ -95,6 +109,12 @@ class LRFindConfig:
 
 
 @dataclass
+class AblationConfig:
+    name: str | None = None  # ablate.py: runs/<name>/ (default: the config file's stem)
+    variants: dict = field(default_factory=dict)  # extra variants: {name: {dotted.key: value}}
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -102,6 +122,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,8 +132,11 @@ class Config:
 
 
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("data", "dataset"): ("cub", "cars", "aircraft", "folder", "synthetic"),
+    ("data", "dataset"): ("cub", "cars", "aircraft", "folder", "synthetic", "synthetic-hard"),
     ("data", "level"): ("variant", "family", "manufacturer"),
+    ("model", "glca_readout"): ("cls", "local", "cls+local"),
+    ("model", "glca_select"): ("rollout", "last", "random"),
+    ("model", "glca_kv"): ("global", "local"),
     ("train", "lr_scaling"): ("sqrt", "linear", "none"),
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
     ("loss", "weighting"): ("uncertainty", "fixed"),
@@ -136,6 +160,7 @@ NON_NEGATIVE = {
     ("train", "min_lr"),
     ("train", "weight_decay"),
     ("train", "empty_cache_every"),
+    ("train", "checkpoint_every"),
     ("loss", "init_std"),
 }
 
@@ -198,6 +223,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.model.top_ratio <= 1.0:
         raise ConfigError(f"model.top_ratio must be in (0, 1], got {cfg.model.top_ratio}")
+    blocks = cfg.model.pwca_blocks
+    if blocks != "all" and not (isinstance(blocks, int) and blocks >= 0):
+        # the upper bound, the backbone's depth, is checked when the model is built
+        raise ConfigError(
+            f"model.pwca_blocks must be 'all' or an integer >= 0 (at most the depth), got {blocks!r}"
+        )
     if cfg.data.resize_size < cfg.data.img_size:
         raise ConfigError(
             f"data.resize_size ({cfg.data.resize_size}) must be >= data.img_size ({cfg.data.img_size}): "
@@ -222,6 +253,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"lr_find.smoothing must be in [0, 1), got {cfg.lr_find.smoothing}")
     if cfg.lr_find.diverge_factor <= 1.0:
         raise ConfigError(f"lr_find.diverge_factor must be > 1, got {cfg.lr_find.diverge_factor}")
+    for key in ("mean", "std"):
+        value = getattr(cfg.data, key)
+        if value is not None and (len(value) != 3 or not all(isinstance(v, (int, float)) for v in value)):
+            raise ConfigError(f"data.{key} must be three numbers (R, G, B) or null, got {value!r}")
+    if (cfg.data.mean is None) != (cfg.data.std is None):
+        raise ConfigError("set data.mean and data.std together (or neither: the backbone's statistics)")
+    if cfg.train.keep_checkpoints is not None and cfg.train.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be >= 1 or null, got {cfg.train.keep_checkpoints}")
     if cfg.run.stop_after_epochs is not None and cfg.run.stop_after_epochs <= 0:
         raise ConfigError(f"run.stop_after_epochs must be > 0 or null, got {cfg.run.stop_after_epochs}")
     return cfg

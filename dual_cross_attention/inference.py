@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import UsageError
 from .models.dual_vit import PREDICT_MODES, DualViT, DualViTOutput, combine_probabilities
 from .runtime import autocast
 
@@ -20,7 +21,7 @@ def check_mode(mode: str, available: Sequence[str]) -> None:
     """Refuse a mode the model cannot run, saying why (no GLCA branch) rather than failing later."""
     if mode not in available:
         reason = " (this model was trained with model.glca: false)" if mode in PREDICT_MODES else ""
-        raise ValueError(f"mode '{mode}' is not available{reason}; choose one of {list(available)}")
+        raise UsageError(f"mode '{mode}' is not available{reason}; choose one of {list(available)}")
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def class_probabilities(
     mirror. The returned output (rollout, selected patches) is that of the unflipped images.
     """
     if tta not in TTA_CHOICES:
-        raise ValueError(f"tta must be one of {TTA_CHOICES}, got '{tta}'")
+        raise UsageError(f"tta must be one of {TTA_CHOICES}, got '{tta}'")
     if model.training:
         raise ValueError("class_probabilities needs the model in eval mode (model.eval()): PWCA and dropout")
     views = [images] if tta == "none" else [images, images.flip(-1)]  # (B, 3, H, W): flip the width

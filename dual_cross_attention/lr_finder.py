@@ -23,7 +23,8 @@ from torch import nn
 from .builders import build_training, effective_batch
 from .config import Config
 from .distributed import all_reduce_sum, init_distributed
-from .engine import accumulate_gradients, accumulation_windows, optimizer_step, unwrap
+from .engine import accumulate_gradients, accumulation_windows, clipped_parameters, optimizer_step, unwrap
+from .errors import UsageError
 from .optim import scaled_lr, set_lr
 from .runtime import resolve_device
 
@@ -93,13 +94,13 @@ def lr_range_test(
         diverge_factor: stop once the smoothed loss exceeds this multiple of its minimum.
     """
     if not 0 < start < end:
-        raise ValueError(f"lr_find needs 0 < start < end, got start={start}, end={end}")
+        raise UsageError(f"lr_find needs 0 < start < end, got start={start}, end={end}")
     if steps < 2:
-        raise ValueError(f"lr_find.steps must be >= 2, got {steps}")
+        raise UsageError(f"lr_find.steps must be >= 2, got {steps}")
     inner = unwrap(module)
     saved = copy.deepcopy({"module": inner.state_dict(), "optimizer": optimizer.state_dict()})
     saved_scaler = scaler.state_dict()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = clipped_parameters(module)
     criterion = inner.criterion
     module.train()
     lrs, losses, smoothed = [], [], []
@@ -134,7 +135,7 @@ def lr_range_test(
         scaler.load_state_dict(saved_scaler)
         optimizer.zero_grad(set_to_none=True)
     if len(smoothed) < 2:
-        raise RuntimeError(
+        raise UsageError(
             f"the LR range test stopped after {len(smoothed)} steps ({reason}); lower lr_find.start"
         )
     steepest, min_over_10 = suggest(lrs, smoothed)

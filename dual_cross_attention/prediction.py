@@ -23,8 +23,9 @@ import torch
 
 from .builders import build_eval_pipeline, build_model
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import Config, apply_overrides, from_dict
+from .config import Config, apply_overrides, from_dict, parse_override
 from .data import CorruptImageError, ImagePipeline, load_rgb
+from .errors import UsageError
 from .inference import as_distribution, check_mode, class_probabilities
 from .models.dual_vit import PREDICT_MODES, DualViT
 from .runtime import inference_precision, resolve_device
@@ -51,15 +52,28 @@ class TrainedModel:
         return PREDICT_MODES if self.model.use_glca else ("sa",)
 
 
+# What may differ where a checkpoint is used; any other key would change what is measured.
+MAY_OVERRIDE = ("data.root", "data.num_workers", "data.eval_batch_size", "train.device")
+
+
 def checkpoint_config(state: dict[str, Any], path: Path, overrides: Sequence[str] = ()) -> Config:
     """The config stored in a checkpoint, with ``overrides`` applied and validated; an error
-    names the ``--set`` that caused it rather than the checkpoint."""
+    names the ``--set`` that caused it rather than the checkpoint. Only ``MAY_OVERRIDE`` keys
+    may be overridden."""
     if "config" not in state or "classes" not in state:
         raise CheckpointError(
             f"{path} has no stored config or class list; only checkpoints written by train.py can be "
             "evaluated (last.pt or best.pt of a run)"
         )
-    return apply_overrides(from_dict(state["config"], source=f"config stored in {path}"), overrides)
+    cfg = apply_overrides(from_dict(state["config"], source=f"config stored in {path}"), overrides)
+    for text in overrides:
+        key = parse_override(text)[0]
+        if key not in MAY_OVERRIDE:
+            raise UsageError(
+                f"--set {text}: {key} is fixed by the checkpoint (changing it would change what is "
+                f"measured); the keys that may differ where a checkpoint is used: {list(MAY_OVERRIDE)}"
+            )
+    return cfg
 
 
 def restore_model(state: dict[str, Any], cfg: Config, num_classes: int, path: Path) -> DualViT:
@@ -184,7 +198,7 @@ def predict_files(
     """
     check_mode(mode, trained.modes)
     if top_k < 1 or batch_size < 1:
-        raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
+        raise UsageError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
     if top_k > len(trained.classes):
         _logger.warning("top-k %d > %d classes: reporting all classes", top_k, len(trained.classes))
         top_k = len(trained.classes)

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import torch
 
+from .errors import SetupError
+
 _logger = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -25,7 +27,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is '{name}' but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise SetupError(f"train.device is '{name}' but no CUDA device is visible; use 'auto' or 'cpu'")
     return device
 
 
@@ -65,9 +67,9 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         return dtype
     dtype = PRECISIONS[name]
     if dtype == torch.float16 and device.type != "cuda":
-        raise RuntimeError("train.precision fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
+        raise SetupError("train.precision fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
     if dtype == torch.bfloat16 and device.type == "cuda" and not native_bf16(device):
-        raise RuntimeError(
+        raise SetupError(
             f"train.precision bf16: the {_gpu(device)} emulates bf16 (native from 8.0), which is slow and "
             "keeps full attention maps for backward; use train.precision fp16 (with loss scaling) or auto"
         )
@@ -83,7 +85,7 @@ def inference_precision(name: str, device: torch.device) -> torch.dtype:
     """
     try:
         return resolve_precision(name, device)
-    except RuntimeError as err:
+    except SetupError as err:
         _logger.warning("train.precision %s is unavailable here (%s); inference uses fp32", name, err)
         return torch.float32
 

@@ -8,44 +8,31 @@ reproduces the uninterrupted run exactly (on the same machine and software).
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .builders import TrainingParts, build_training, start_epoch
-from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states
+from .builders import TrainingParts, build_training, effective_batch, start_epoch
+from .checkpoint import rng_states
 from .config import Config
 from .diagnostics.health import health_warnings
-from .distributed import DistInfo, barrier, broadcast_from_main, gather_from_all, init_distributed
+from .distributed import DistInfo, barrier, init_distributed
 from .engine import EpochStats, StepSettings, TrainingDiverged, evaluate, train_one_epoch
 from .evaluation.metrics import Summary, summarize
-from .run_io import RunRecorder, metrics_row, prepare_run_dir, read_history, save_checkpoints
+from .resume import Progress, keep_effective_batch, restore, resumable_state
+from .run_io import (
+    RunLock,
+    RunRecorder,
+    metrics_row,
+    prepare_run_dir,
+    read_history,
+    save_checkpoints,
+)
 from .runtime import device_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device, seed_everything
 
 _logger = logging.getLogger(__name__)
-
-# Keys a resumed run may change; any other difference would make the resumed run a different
-# experiment than the one in the checkpoint.
-RESUME_MAY_CHANGE = {
-    "train.epochs",
-    "train.empty_cache_every",
-    "train.max_bad_steps",
-    "train.device",
-    "train.precision",  # weights are fp32; only the autocast dtype (and loss scaling) changes
-    "data.root",
-    "data.num_workers",
-    "data.eval_batch_size",
-    "model.grad_checkpointing",
-    "model.pretrained",
-    "model.pretrained_path",
-}
-
-
-class RunExistsError(RuntimeError):
-    """The run directory already holds a run and no --resume was given."""
 
 
 @dataclass
@@ -57,113 +44,9 @@ class RunResult:
     model: torch.nn.Module  # the trained DualViT (last epoch), e.g. to inspect in a notebook
 
 
-@dataclass
-class Progress:
-    """Where a run stands at an epoch boundary: what a checkpoint restores besides the states."""
-
-    next_epoch: int = 0
-    step: int = 0
-    best: float = -math.inf
-    bad_streak: int = 0
-    initial_weights: dict[str, float] = field(default_factory=dict)
-
-
-def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in raw.items() for key, value in values.items()}
-
-
-def check_resume_compatible(cfg: Config, saved: dict[str, Any], path: Path) -> None:
-    now, then = _flatten(cfg.to_dict()), _flatten(saved)
-    changed = sorted(
-        k
-        for k in now
-        if now[k] != then.get(k) and k not in RESUME_MAY_CHANGE and not k.startswith(("run.", "lr_find."))
-    )
-    if changed:
-        diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(
-            f"cannot resume {path}: the config differs in {diffs}. These change the experiment; start a new "
-            f"run with --set run.name=<new name>, or drop the overrides. Resumable changes: "
-            f"{sorted(RESUME_MAY_CHANGE)}."
-        )
-
-
-def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
-    """``auto``: last.pt of this run if it exists (else start fresh); a path: that file."""
-    last = checkpoint_dir / "last.pt"
-    if resume is None:
-        if last.exists():
-            raise RunExistsError(
-                f"{checkpoint_dir.parent} already holds a run ({last}). Continue it with --resume auto, or "
-                "start another with --set run.name=<new name>."
-            )
-        return None
-    if resume == "auto":
-        if last.exists():
-            return last
-        _logger.info("--resume auto: no %s yet, starting a new run", last)
-        return None
-    return Path(resume)
-
-
-def _resumable_state(
-    cfg: Config, resume: str | None, run_dir: Path, dist: DistInfo
-) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint to resume from, checked against ``cfg``.
-
-    Rank 0 decides (whether this run exists, which file to continue) and every process follows
-    that decision; a process that cannot read the chosen file stops the run on every process,
-    rather than training on from fresh weights while the others resume.
-    """
-    decision: Path | str | None
-    try:
-        decision = resolve_resume(resume, run_dir / "checkpoints") if dist.is_main else None
-    except RunExistsError as err:
-        decision = str(err)
-    decision = broadcast_from_main(decision)
-    if isinstance(decision, str):
-        raise RunExistsError(decision)
-    if decision is None:
-        return None, None
-    missing = [rank for rank, readable in enumerate(gather_from_all(decision.is_file())) if not readable]
-    if missing and 0 not in missing:  # (rank 0 not reading it either: load_checkpoint says why)
-        raise CheckpointError(
-            f"rank 0 resumes from {decision}, which process(es) of rank {missing} cannot read: resuming a "
-            "multi-node run needs the run folder (run.output_dir) on a file system every node shares, or a "
-            "copy of the checkpoint at that path on every node"
-        )
-    state = load_checkpoint(decision)
-    check_resume_compatible(cfg, state["config"], decision)
-    return state, decision
-
-
-def _restore(state: dict[str, Any], path: Path, parts: TrainingParts, cfg: Config) -> Progress:
-    """Optimizer, loss scaler and RNG states, and where the run stood (``build_training`` has
-    already loaded the model and loss weights, before DDP wrapped them)."""
-    parts.optimizer.load_state_dict(state["optimizer"])
-    if parts.scaler.is_enabled() and not state["scaler"]:
-        _logger.info("loss scaling starts afresh: %s was trained without fp16", path)
-    else:
-        parts.scaler.load_state_dict(state["scaler"])  # a no-op for a disabled scaler (not fp16 now)
-    restore_rng_states(state["rng"])
-    old_epochs = state["config"]["train"]["epochs"]
-    if old_epochs != cfg.train.epochs:
-        _logger.info(
-            "train.epochs changed %d -> %d: the cosine schedule is rebuilt for %d total optimizer steps",
-            old_epochs, cfg.train.epochs, parts.schedule.total_steps,
-        )  # fmt: skip
-    progress = Progress(
-        next_epoch=state["epoch"] + 1,
-        step=state["global_step"],
-        best=state["best_metric"],
-        bad_streak=state["bad_streak"],
-        initial_weights=state["initial_loss_weights"],
-    )
-    _logger.info("resumed from %s at epoch %d (step %d)", path, progress.next_epoch, progress.step)
-    return progress
-
-
-def _checkpoint(parts: TrainingParts, progress: Progress, epoch: int, cfg: Config) -> dict[str, Any]:
+def _checkpoint(
+    parts: TrainingParts, progress: Progress, epoch: int, cfg: Config, world_size: int
+) -> dict[str, Any]:
     modules = {"model": parts.model, "loss": parts.criterion, "optimizer": parts.optimizer}
     state = {key: module.state_dict() for key, module in modules.items()}
     state.update(
@@ -178,6 +61,7 @@ def _checkpoint(parts: TrainingParts, progress: Progress, epoch: int, cfg: Confi
         classes=parts.data.classes,
         eval_split=parts.data.eval_split,
         rng=rng_states(),
+        world_size=world_size,
     )
     return state
 
@@ -200,6 +84,15 @@ def selection_metric(summary: Summary) -> float:
     return summary.metrics[summary.primary_mode]["top1"]
 
 
+def selection_rule(eval_split: str, select_on_test: bool) -> str:
+    """How best.pt is chosen: on validation accuracy when the run has a validation split; without
+    one, the last epoch is kept (choosing on test accuracy would report a number picked on the
+    data it measures) unless ``train.select_on_test`` asks for exactly that."""
+    if eval_split == "val":
+        return "val"
+    return "test" if select_on_test else "last"
+
+
 def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> RunResult:
     """Train (or continue) the run ``cfg.run.name``; returns where it lives and what it reached.
 
@@ -207,49 +100,39 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     """
     dist = init_distributed(resolve_device(cfg.train.device))
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    state, resume_path = _resumable_state(cfg, resume, run_dir, dist)
-    prepare_run_dir(cfg, run_dir, dist)
-    t, parts = cfg.train, build_training(cfg, dist, resume_from=(state, resume_path) if state else None)
-    if state is not None:
-        progress = _restore(state, resume_path, parts, cfg)
-    else:
-        initial = parts.criterion.raw_weights() if cfg.loss.weighting == "uncertainty" else {}
-        progress = Progress(initial_weights=initial)
-    recorder = None
-    if dist.is_main:
-        history = read_history(run_dir / "metrics.csv", progress.next_epoch - 1)
-        recorder = RunRecorder(run_dir, history, cfg.run.tensorboard)
-    settings = _step_settings(cfg, parts.amp_dtype, show_progress and dist.is_main)
-    modes = ("sa", "glca", "sa+glca") if cfg.model.glca else ("sa",)
-    num_classes = len(parts.data.classes)
-    stop = t.epochs if cfg.run.stop_after_epochs is None else progress.next_epoch + cfg.run.stop_after_epochs
-    for epoch in range(progress.next_epoch, min(t.epochs, stop)):
-        stats = _train_epoch(parts, settings, progress, epoch, cfg, dist.rank, run_dir / "checkpoints")
-        tally = evaluate(parts.model, parts.eval_loader, parts.device, num_classes, modes, parts.amp_dtype)
-        summary = summarize(tally, parts.data.classes)
-        metric = selection_metric(summary)
-        is_best = metric > progress.best
-        progress = replace(
-            progress,
-            next_epoch=epoch + 1,
-            step=progress.step + stats.steps,
-            best=max(progress.best, metric),
-            bad_streak=stats.bad_streak,
-        )
-        if recorder is None:
-            continue
-        weights = parts.criterion.raw_weights()
-        row = metrics_row(epoch, stats, summary, weights, peak_memory_mb(parts.device))
-        recorder.record(row, parts.data.eval_split)
-        device_mb = device_memory_mb(parts.device)
-        for message in health_warnings(
-            recorder.history, num_classes, t.warmup_epochs, progress.initial_weights, device_mb
-        ):
-            _logger.warning("health: %s", message)
-        save_checkpoints(_checkpoint(parts, progress, epoch, cfg), run_dir / "checkpoints", is_best)
-    if recorder is not None:
-        recorder.close()
-    barrier()  # no process leaves while rank 0 still writes the last checkpoint
+    lock = RunLock(run_dir)
+    try:
+        state, resume_path = resumable_state(cfg, resume, run_dir, dist, lock)
+        adjusted = keep_effective_batch(cfg, state, resume_path, dist.world_size) if state else cfg
+        prepare_run_dir(adjusted, run_dir, dist)
+        if adjusted is not cfg:
+            then = state.get("world_size", 1)
+            _logger.warning(
+                "resuming under %d process(es) instead of %d: train.gradient_accumulation_steps %d -> %d "
+                "keeps the effective batch %d (and the LR schedule)", dist.world_size, then,
+                cfg.train.gradient_accumulation_steps, adjusted.train.gradient_accumulation_steps,
+                effective_batch(cfg.train, then),
+            )  # fmt: skip
+        cfg = adjusted
+        parts = build_training(cfg, dist, resume_from=(state, resume_path) if state else None)
+        if state is not None:
+            progress = restore(state, resume_path, parts, cfg)
+        else:
+            initial = parts.criterion.raw_weights() if cfg.loss.weighting == "uncertainty" else {}
+            progress = Progress(initial_weights=initial)
+        recorder = None
+        if dist.is_main:
+            recorder = RunRecorder(run_dir, read_history(run_dir / "metrics.csv", progress.next_epoch - 1),
+                                   cfg.run.tensorboard, cfg.run.wandb_project if cfg.run.wandb else None,
+                                   cfg.to_dict())  # fmt: skip
+        try:
+            progress = _run_epochs(cfg, parts, progress, recorder, dist, run_dir, show_progress)
+        finally:
+            if recorder is not None:
+                recorder.close()
+        barrier()  # no process leaves while rank 0 still writes the last checkpoint
+    finally:
+        lock.release()
     return RunResult(
         run_dir=run_dir,
         epochs_done=progress.next_epoch,
@@ -257,6 +140,61 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         history=recorder.history if recorder is not None else [],
         model=parts.model,
     )
+
+
+def _run_epochs(
+    cfg: Config,
+    parts: TrainingParts,
+    progress: Progress,
+    recorder: RunRecorder | None,
+    dist: DistInfo,
+    run_dir: Path,
+    show_progress: bool,
+) -> Progress:
+    """The epochs left to train in this invocation: train, evaluate, record, checkpoint."""
+    t = cfg.train
+    settings = _step_settings(cfg, parts.amp_dtype, show_progress and dist.is_main)
+    modes = ("sa", "glca", "sa+glca") if cfg.model.glca else ("sa",)
+    num_classes = len(parts.data.classes)
+    rule = selection_rule(parts.data.eval_split, t.select_on_test)
+    _logger.info("best.pt: %s", SELECTION_TEXT[rule])
+    stop = t.epochs if cfg.run.stop_after_epochs is None else progress.next_epoch + cfg.run.stop_after_epochs
+    for epoch in range(progress.next_epoch, min(t.epochs, stop)):
+        try:
+            stats = _train_epoch(parts, settings, progress, epoch, cfg, dist.rank, run_dir / "checkpoints")
+        except KeyboardInterrupt:
+            _logger.warning("interrupted in epoch %d: last.pt holds epoch %d", epoch, epoch - 1)
+            raise
+        tally = evaluate(parts.model, parts.eval_loader, parts.device, num_classes, modes, parts.amp_dtype)
+        summary = summarize(tally, parts.data.classes)
+        metric = selection_metric(summary)
+        is_best = rule == "last" or metric > progress.best
+        progress = replace(
+            progress,
+            next_epoch=epoch + 1,
+            step=progress.step + stats.steps,
+            best=metric if is_best else progress.best,
+            bad_streak=stats.bad_streak,
+        )
+        if recorder is None:
+            continue
+        row = metrics_row(epoch, stats, summary, parts.criterion.raw_weights(), peak_memory_mb(parts.device))
+        recorder.record(row, parts.data.eval_split)
+        device_mb = device_memory_mb(parts.device)
+        for message in health_warnings(
+            recorder.history, num_classes, t.warmup_epochs, progress.initial_weights, device_mb
+        ):
+            _logger.warning("health: %s", message)
+        state = _checkpoint(parts, progress, epoch, cfg, dist.world_size)
+        save_checkpoints(state, run_dir / "checkpoints", is_best, t.checkpoint_every, t.keep_checkpoints)
+    return progress
+
+
+SELECTION_TEXT = {
+    "val": "the epoch with the best validation top-1 (data.val_fraction carves the validation split)",
+    "last": "the last epoch: the run has no validation split (set data.val_fraction > 0 to select on one)",
+    "test": "the epoch with the best TEST top-1 (train.select_on_test: true): the best is picked on test",
+}
 
 
 def _train_epoch(

@@ -18,8 +18,8 @@ from dual_cross_attention.models import DualViT, random_derangement
 from dual_cross_attention.models.rollout import attention_map, rollout_cls_row, rollout_from_qk
 from dual_cross_attention.optim import Schedule
 from dual_cross_attention.prediction import load_trained
+from dual_cross_attention.resume import restore
 from dual_cross_attention.runtime import inference_precision, peak_memory_mb, resolve_precision
-from dual_cross_attention.trainer import _restore
 
 CUDA = torch.device("cuda")
 
@@ -117,7 +117,7 @@ def test_loss_scaling_starts_afresh_when_resuming_a_run_trained_without_it(cub_r
     scaler = torch.amp.GradScaler("cpu", enabled=True)  # an fp16 run on a GPU
     parts = SimpleNamespace(optimizer=optimizer, scaler=scaler, schedule=Schedule(1e-3, 1e-6, 0, 10))
     cfg = SimpleNamespace(train=SimpleNamespace(epochs=1))
-    progress = _restore(state, path, parts, cfg)
+    progress = restore(state, path, parts, cfg)
     assert progress.next_epoch == 1 and scaler.get_scale() == 65536.0
 
 

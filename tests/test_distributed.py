@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import run, tiny_overrides
 
+from dual_cross_attention.builders import build_schedule
 from dual_cross_attention.checkpoint import load_checkpoint
 from dual_cross_attention.config import load_config
 from dual_cross_attention.data.synthetic import DemoSpec, generate_demo_dataset
@@ -78,6 +79,11 @@ def test_two_processes_train_evaluate_once_and_resume_alone(odd_sized_root, tmp_
     # The two-process checkpoint continues in a single process.
     resumed = run(odd_sized_root, tmp_path, "train.epochs=2", name="ddp", resume="auto")
     assert [row["epoch"] for row in resumed.history] == [0, 1]
+    # ... with the same effective batch, so the LR schedule continues where 2 processes left it.
+    log = (tmp_path / "ddp" / "train.log").read_text()
+    assert "effective batch 16 = 4 x 4 accumulation;" in log and "keeps the effective batch 16" in log
+    two = build_schedule(load_config(None, overrides).train, batches_per_epoch=2, world_size=2)[0]
+    assert resumed.history[1]["lr"] == pytest.approx(two(1))  # epoch 1 = optimizer step 1
 
 
 def test_resume_without_a_shared_run_folder_stops_every_process(odd_sized_root, tmp_path):

@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 from dual_cross_attention.builders import build_model
-from dual_cross_attention.checkpoint import CheckpointError, load_checkpoint
+from dual_cross_attention.checkpoint import load_checkpoint
 from dual_cross_attention.config import ConfigError, from_dict, load_config
 from dual_cross_attention.data import build_dataset, build_eval_transform
 from dual_cross_attention.data.synthetic import DemoSpec, generate_demo_dataset
+from dual_cross_attention.errors import UsageError
 from dual_cross_attention.evaluation import (
     ClassMismatchError,
     EvaluationReport,
@@ -253,8 +254,12 @@ def test_a_dataset_with_other_classes_is_refused(trained, tmp_path):
 def test_bad_overrides_name_the_override(trained):
     with pytest.raises(ConfigError, match=r"--set data.rooot=x: unknown key 'rooot'.*valid keys"):
         evaluate_checkpoint(trained.checkpoint, overrides=["data.rooot=x"])
-    with pytest.raises(CheckpointError, match="do not fit the model"):
+    with pytest.raises(
+        UsageError, match=r"model.backbone_kwargs.depth is fixed by the checkpoint.*data.root"
+    ):
         evaluate_checkpoint(trained.checkpoint, overrides=["model.backbone_kwargs.depth=3"])
+    with pytest.raises(UsageError, match="model.top_ratio is fixed"):
+        evaluate_checkpoint(trained.checkpoint, overrides=["model.top_ratio=0.5"])  # fits the weights
 
 
 def test_sa_only_throughput_forward_is_the_sa_branch(trained, reference):

@@ -4,6 +4,7 @@ exact resume, the NaN guard, refusals."""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import subprocess
 import sys
@@ -15,11 +16,19 @@ import torch
 import torch.nn.functional as F
 from conftest import LinearClassifier, run, tiny_overrides
 
-from dual_cross_attention.checkpoint import CheckpointError, load_checkpoint
-from dual_cross_attention.config import load_config
-from dual_cross_attention.engine import StepSettings, TrainingDiverged, train_one_epoch
+from dual_cross_attention.builders import build_datasets, normalization
+from dual_cross_attention.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dual_cross_attention.config import ConfigError, load_config
+from dual_cross_attention.engine import (
+    StepSettings,
+    TrainingDiverged,
+    clipped_parameters,
+    optimizer_step,
+    train_one_epoch,
+)
+from dual_cross_attention.errors import UsageError
 from dual_cross_attention.losses import DCALLoss, ModelWithLoss
-from dual_cross_attention.trainer import RunExistsError
+from dual_cross_attention.resume import RunExistsError, keep_effective_batch
 
 ROOT = Path(__file__).parents[1]
 TIME_COLUMNS = ["epoch_time_s", "peak_mem_mb", "peak_reserved_mb"]
@@ -147,3 +156,83 @@ def test_train_script_runs_an_epoch(cub_root, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "run " in result.stdout and "best top-1" in result.stdout
     assert "LR 0.000707" in result.stderr  # sqrt rule at effective batch 8: 1e-3 x sqrt(8/16)
+
+
+def test_clipping_leaves_the_model_step_alone_when_only_the_loss_weights_are_large():
+    torch.manual_seed(0)
+    model = LinearClassifier(3, 4)
+    with torch.no_grad():
+        model.fc.weight.mul_(0.1)
+    criterion = DCALLoss(("sa",), init_std=0.0, clamp=None)
+    module = ModelWithLoss(model, criterion)
+    x, y = torch.randn(2, 3) * 0.1, torch.tensor([0, 1])
+    result = module(x, y)
+    result.total.backward()
+    model_grads = [p.grad.clone() for p in model.parameters()]
+    weight_grad = criterion.log_vars.grad.clone()
+    model_norm = torch.cat([g.flatten() for g in model_grads]).norm()
+    assert model_norm < 0.9 and weight_grad.abs().max() > 0.1  # the model's own norm is under the clip
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD([*model.parameters(), criterion.log_vars], lr=1.0)
+    params = clipped_parameters(module)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    window = torch.stack([result.per_branch["sa"].detach()])[None]
+    with torch.no_grad():  # scale the loss weight's gradient far past the clip
+        criterion.log_vars.grad.mul_(100.0)
+    assert optimizer_step(optimizer, scaler, params, 1.0, window, ("sa",)) is None
+    for p, b, g in zip(model.parameters(), before, model_grads, strict=True):
+        torch.testing.assert_close(p.detach(), b - g)  # unshrunk: lr 1 x the model's own gradient
+
+
+def test_best_checkpoint_is_chosen_on_val_else_the_last_epoch(cub_root, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="dual_cross_attention"):
+        no_val = run(cub_root, tmp_path, "train.epochs=3", name="no_val")
+    assert "best.pt: the last epoch" in caplog.text
+    assert load_checkpoint(no_val.run_dir / "checkpoints" / "best.pt")["epoch"] == 2  # never picked on test
+    assert no_val.best_metric == no_val.history[-1]["eval_top1_sa_glca"]
+    on_test = run(cub_root, tmp_path, "train.epochs=3", "train.select_on_test=true", name="on_test")
+    best = max(row["eval_top1_sa_glca"] for row in on_test.history)
+    assert on_test.best_metric == best
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dual_cross_attention"):
+        on_val = run(cub_root, tmp_path, "train.epochs=2", "data.val_fraction=0.34", name="on_val")
+    assert "best validation top-1" in caplog.text and on_val.history[-1]["eval_images"] < 9
+
+
+def test_resume_under_fewer_processes_keeps_the_effective_batch():
+    cfg = load_config(None, ["train.batch_size=4", "train.gradient_accumulation_steps=2"])
+    state = {"world_size": 2}  # written by 2 processes: effective batch 16
+    kept = keep_effective_batch(cfg, state, Path("last.pt"), world_size=1)
+    assert kept.train.gradient_accumulation_steps == 4
+    assert keep_effective_batch(cfg, {"world_size": 1}, Path("last.pt"), 1) is cfg
+    with pytest.raises(UsageError, match="effective batch 16 .* 3 processes does not divide it"):
+        keep_effective_batch(cfg, state, Path("last.pt"), world_size=3)
+
+
+def test_epoch_snapshots_keep_the_newest(cub_root, tmp_path):
+    result = run(cub_root, tmp_path, "train.epochs=5", "train.checkpoint_every=2", "train.keep_checkpoints=1")
+    snapshots = sorted(p.name for p in (result.run_dir / "checkpoints").glob("epoch_*.pt"))
+    assert snapshots == ["epoch_3.pt"]  # epochs 1 and 3 end a pair; only the newest is kept
+    assert load_checkpoint(result.run_dir / "checkpoints" / "epoch_3.pt")["epoch"] == 3
+
+
+def test_flip_and_normalisation_switches(cub_root, tmp_path):
+    def train_steps(*extra: str) -> list[str]:
+        cfg = load_config(None, tiny_overrides(cub_root, tmp_path) + list(extra))
+        return [type(step).__name__ for step in build_datasets(cfg).train.transform.compose.transforms]
+
+    assert "HorizontalFlip" in train_steps() and "HorizontalFlip" not in train_steps("data.hflip=false")
+    cfg = load_config(None, ["data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]"])
+    assert normalization(cfg) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    with pytest.raises(ConfigError, match="together"):
+        load_config(None, ["data.mean=[0.5, 0.5, 0.5]"])
+
+
+def test_a_checkpoint_from_before_a_new_config_key_resumes(cub_root, tmp_path):
+    run(cub_root, tmp_path, "train.epochs=1")
+    path = tmp_path / "t" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    del state["config"]["train"]["select_on_test"]  # as written before the key existed
+    save_checkpoint(state, path)
+    resumed = run(cub_root, tmp_path, "train.epochs=2", resume="auto")
+    assert [row["epoch"] for row in resumed.history] == [0, 1]

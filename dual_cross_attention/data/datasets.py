@@ -1,6 +1,7 @@
 """``build_dataset``: one entry point from (name, root, split, options) to a dataset.
 
-Each dataset lives in its own module (cub.py, cars.py, aircraft.py, folder.py, synthetic.py);
+Each dataset lives in its own module (cub.py, cars.py, aircraft.py, folder.py, synthetic.py,
+synthetic_hard.py);
 this module only dispatches, checks options, and applies what is common to all of them: the
 optional validation carve-out (``val_fraction``) and ``skip_corrupt``.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .aircraft import AIRCRAFT_SPLITS, AIRCRAFT_TREE, load_aircraft
 from .base import ImageDataset, Transform
 from .cars import ALL_TREES as CARS_TREE
@@ -23,6 +25,7 @@ from .errors import DatasetLayoutError
 from .folder import FOLDER_SPLITS, FOLDER_TREE, load_folder
 from .splits import stratified_split
 from .synthetic import DEFAULT_DEMO_ROOT, DemoSpec, generate_demo_dataset
+from .synthetic_hard import DEFAULT_HARD_ROOT, HardSpec
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +39,23 @@ class DatasetEntry:
     options: tuple[str, ...]
     tree: str
     train_split: str = "train"  # the split training uses, and that val_fraction carves from
+    generated_into: Path | None = None  # a generated set: its default root (need not exist yet)
 
 
 def _load_synthetic(root: Path, split: str, **spec: Any) -> ImageDataset:
     """Generate the demo set on first use (CUB layout), then read it with the CUB loader."""
     generate_demo_dataset(root, DemoSpec(**spec))
     return load_cub(root, split, description="synthetic")
+
+
+def _load_synthetic_hard(root: Path, split: str, **spec: Any) -> ImageDataset:
+    """Generate the hard demo set on first use (CUB layout), then read it with the CUB loader."""
+    generate_demo_dataset(root, HardSpec(**spec))
+    return load_cub(root, split, description="synthetic-hard")
+
+
+def _spec_options(spec: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(spec) if f.name != "version")
 
 
 DATASETS: dict[str, DatasetEntry] = {
@@ -54,8 +68,16 @@ DATASETS: dict[str, DatasetEntry] = {
     "synthetic": DatasetEntry(
         _load_synthetic,
         CUB_SPLITS,
-        tuple(f.name for f in fields(DemoSpec) if f.name != "version"),
+        _spec_options(DemoSpec),
         "the demo set is generated automatically (CUB layout)",
+        generated_into=DEFAULT_DEMO_ROOT,
+    ),
+    "synthetic-hard": DatasetEntry(
+        _load_synthetic_hard,
+        CUB_SPLITS,
+        _spec_options(HardSpec),
+        "the hard demo set is generated automatically (CUB layout)",
+        generated_into=DEFAULT_HARD_ROOT,
     ),
 }
 
@@ -73,11 +95,11 @@ def default_train_split(name: str) -> str:
 
 def _resolve_root(name: str, root: str | os.PathLike[str] | None, entry: DatasetEntry) -> Path:
     if root is None:
-        if name != "synthetic":
+        if entry.generated_into is None:
             raise ValueError(f"dataset {name!r} needs a root folder")
-        return DEFAULT_DEMO_ROOT
+        return entry.generated_into
     path = Path(root).expanduser()
-    if name != "synthetic" and not path.exists():
+    if entry.generated_into is None and not path.exists():
         raise DatasetLayoutError(f"dataset root {path} does not exist\n{entry.tree}")
     return path
 
@@ -136,9 +158,10 @@ def build_dataset(
     """Load split ``split`` of dataset ``name`` from ``root``.
 
     Args:
-        name: 'cub', 'cars', 'aircraft', 'folder' or 'synthetic'.
-        root: the dataset folder (see each module's expected tree); for 'synthetic', where the
-            demo set is generated on first use (None: ``data/demo``).
+        name: 'cub', 'cars', 'aircraft', 'folder', 'synthetic' or 'synthetic-hard'.
+        root: the dataset folder (see each module's expected tree); for 'synthetic' and
+            'synthetic-hard', where the set is generated on first use (None: ``data/demo``,
+            ``data/demo_hard``).
         split: 'train' or 'test'; aircraft also has 'val' and 'trainval', folder has 'val' if
             ``root/val`` exists. With ``val_fraction > 0``, 'train' and 'val' are the two parts
             of the dataset's training split (aircraft: 'trainval').
@@ -148,7 +171,8 @@ def build_dataset(
         skip_corrupt: decode every image up front and drop unreadable ones, reporting them once;
             by default an unreadable image raises a CorruptImageError naming the file.
         **options: dataset options: cars ``layout``; aircraft ``level`` ('variant', 'family',
-            'manufacturer') and ``crop_banner``; synthetic the ``DemoSpec`` fields.
+            'manufacturer') and ``crop_banner``; synthetic the ``DemoSpec`` fields,
+            synthetic-hard the ``HardSpec`` fields.
 
     Returns:
         An ``ImageDataset`` with ``classes``, ``targets`` (0-based) and ``samples``.
@@ -208,7 +232,7 @@ def build_splits(
     full = _load(name, root, train_split, skip_corrupt, options)
     if val_fraction > 0.0:
         if _has_native_val(name, root, train_split):
-            raise ValueError(
+            raise UsageError(
                 f"dataset {name!r} at {root} has its own 'val' split; use it with val_fraction=0"
             )
         train = carve(full, "train", val_fraction, val_seed, train_transform)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import DcalError
 
-class DataError(Exception):
+
+class DataError(DcalError):
     """Base class for every error about the data on disk."""
 
 

@@ -42,6 +42,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -75,6 +76,16 @@ MARK_SIZE = 8
 _SPLIT_IDS = {"train": 1, "test": 2}
 
 
+def check_counts(num_classes: int, mark_copies: int, train_per_class: int, test_per_class: int) -> None:
+    """The checks every generated set's spec shares; a bad value raises ValueError."""
+    if not 2 <= num_classes <= len(MARKS):
+        raise ValueError(f"num_classes must be in [2, {len(MARKS)}], got {num_classes}")
+    if mark_copies not in (1, 2):
+        raise ValueError(f"mark_copies must be 1 or 2, got {mark_copies}")
+    if train_per_class < 1 or test_per_class < 1:
+        raise ValueError("train_per_class and test_per_class must be >= 1")
+
+
 @dataclass(frozen=True)
 class DemoSpec:
     """What the generator makes; stored next to the images so a changed spec is detected.
@@ -98,17 +109,27 @@ class DemoSpec:
     version: int = GENERATOR_VERSION
 
     def __post_init__(self) -> None:
-        if not 2 <= self.num_classes <= len(MARKS):
-            raise ValueError(f"num_classes must be in [2, {len(MARKS)}], got {self.num_classes}")
+        check_counts(self.num_classes, self.mark_copies, self.train_per_class, self.test_per_class)
         if self.image_size % MARK_SIZE or self.image_size < 4 * MARK_SIZE:
             raise ValueError(
                 f"image_size must be a multiple of {MARK_SIZE} and at least {4 * MARK_SIZE} "
                 f"(the mark is snapped to the patch grid), got {self.image_size}"
             )
-        if self.mark_copies not in (1, 2):
-            raise ValueError(f"mark_copies must be 1 or 2, got {self.mark_copies}")
-        if self.train_per_class < 1 or self.test_per_class < 1:
-            raise ValueError("train_per_class and test_per_class must be >= 1")
+
+    def render(self, label: int, rng: np.random.Generator) -> np.ndarray:
+        """One (image_size, image_size, 3) uint8 image of class ``label``, drawn from ``rng`` only."""
+        return render_image(label, rng, self.image_size, self.mark_copies)
+
+
+class SyntheticSpec(Protocol):
+    """What ``generate_demo_dataset`` needs of a generated set's spec (a frozen dataclass)."""
+
+    seed: int
+    train_per_class: int
+    test_per_class: int
+    num_classes: int
+
+    def render(self, label: int, rng: np.random.Generator) -> np.ndarray: ...
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -122,17 +143,15 @@ def mark_mask(label: int) -> np.ndarray:
     return np.kron(cells, np.ones((2, 2), dtype=bool))
 
 
-def _random_colour(
-    rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]
-) -> np.ndarray:
+def random_colour(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]) -> np.ndarray:
     """An RGB colour (0-255 floats) with uniform hue and saturation/value drawn from the ranges."""
     rgb = colorsys.hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(*sat), rng.uniform(*val))
     return np.array(rgb, dtype=np.float32) * 255.0
 
 
-def _texture(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def texture(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """Background: a base colour plus two coloured sine gratings of random period and angle."""
-    image = np.broadcast_to(_random_colour(rng, (0.2, 0.8), (0.3, 0.9)), (size, size, 3)).copy()
+    image = np.broadcast_to(random_colour(rng, (0.2, 0.8), (0.3, 0.9)), (size, size, 3)).copy()
     for _ in range(2):
         theta = rng.uniform(0.0, np.pi)
         period = rng.uniform(5.0, 16.0)
@@ -144,7 +163,7 @@ def _texture(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray
     return image
 
 
-def _place_body(
+def place_body(
     rng: np.random.Generator, size: int, copies: int
 ) -> tuple[int, int, float, float, float, float]:
     """Pick the mark's grid cell and a body ellipse that contains it.
@@ -159,18 +178,18 @@ def _place_body(
     mark_x = int(rng.integers(1, cells - copies)) * MARK_SIZE
     mark_y = int(rng.integers(1, cells - 1)) * MARK_SIZE
     a, b = rng.uniform(11.0, 15.0), rng.uniform(8.0, 10.5)
-    corners = np.array([[0.0, 0.0], [width, 0.0], [0.0, MARK_SIZE], [width, MARK_SIZE]])
+    corners = ((0.0, 0.0), (width, 0.0), (0.0, MARK_SIZE), (width, MARK_SIZE))
     # Rejection sampling; it ends because a zero offset always fits these axis ranges
-    # ((8/11)^2 + (4/8)^2 < 0.9), and it accepts within a few draws.
+    # ((8/11)^2 + (4/8)^2 < 0.9), and it accepts within a few draws. Plain floats: numpy on
+    # four corners costs more than the test (the hard set places several bodies per image).
     while True:
         cx = mark_x + width / 2 + rng.uniform(-a / 3, a / 3)
         cy = mark_y + MARK_SIZE / 2 + rng.uniform(-b / 3, b / 3)
-        dx, dy = corners[:, 0] + mark_x - cx, corners[:, 1] + mark_y - cy
-        if np.all((dx / a) ** 2 + (dy / b) ** 2 <= 0.9):
+        if all(((x + mark_x - cx) / a) ** 2 + ((y + mark_y - cy) / b) ** 2 <= 0.9 for x, y in corners):
             return mark_x, mark_y, cx, cy, a, b
 
 
-def _darker(rng: np.random.Generator, colour: np.ndarray) -> np.ndarray:
+def darker(rng: np.random.Generator, colour: np.ndarray) -> np.ndarray:
     """A much darker shade of ``colour``: the mark and eye colour, tied to the body, not the class.
 
     Always darker (never sometimes lighter): then the mark's pattern has the same sign in every
@@ -180,12 +199,31 @@ def _darker(rng: np.random.Generator, colour: np.ndarray) -> np.ndarray:
     return colour * rng.uniform(0.1, 0.3)
 
 
-def render_image(label: int, rng: np.random.Generator, size: int, copies: int = 2) -> np.ndarray:
-    """Draw one (size, size, 3) uint8 image of class ``label`` using ``rng`` only."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    image = _texture(rng, size, yy, xx)
-    mark_x, mark_y, cx, cy, a, b = _place_body(rng, size, copies)
-    body_colour = _random_colour(rng, (0.3, 1.0), (0.55, 1.0))
+def draw_mark(image: np.ndarray, label: int, mark_x: int, mark_y: int, copies: int, ink: np.ndarray) -> None:
+    """Paint ``copies`` side-by-side copies of mark ``label`` with top-left corner (mark_x, mark_y)."""
+    for copy in range(copies):
+        left = mark_x + copy * MARK_SIZE
+        image[mark_y : mark_y + MARK_SIZE, left : left + MARK_SIZE][mark_mask(label)] = ink
+
+
+def shaded(colour: np.ndarray, yy: np.ndarray, cy: float, b: float) -> np.ndarray:
+    """``colour`` shaded from top to bottom of an ellipse (centre row ``cy``, vertical semi-axis
+    ``b``), so a body is not a flat patch that only the mark breaks: (H, W, 3)."""
+    return colour * (1.0 + 0.15 * (cy - yy) / b)[..., None]
+
+
+def draw_bird(
+    image: np.ndarray, label: int, rng: np.random.Generator, copies: int, yy: np.ndarray, xx: np.ndarray
+) -> tuple[np.ndarray, int, int]:
+    """Draw the bird carrying mark ``label`` into the float (H, W, 3) ``image`` in place.
+
+    Returns the (H, W) mask of the pixels the bird covers (body, head, tail) and the top-left
+    corner (mark_x, mark_y) of its mark. Draws from ``rng`` only, in a fixed order that does
+    not depend on ``label``.
+    """
+    size = image.shape[0]
+    mark_x, mark_y, cx, cy, a, b = place_body(rng, size, copies)
+    body_colour = random_colour(rng, (0.3, 1.0), (0.55, 1.0))
     facing = 1.0 if rng.uniform() < 0.5 else -1.0
 
     body = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1.0
@@ -195,23 +233,31 @@ def render_image(label: int, rng: np.random.Generator, size: int, copies: int = 
     # Tail: a triangle widening away from the body on the side opposite the head.
     along = -facing * (xx - cx) - (a - 2.0)
     tail = (along >= 0) & (along <= rng.uniform(6.0, 9.0)) & (np.abs(yy - cy + 0.2 * b) <= 1.0 + 0.6 * along)
-    # Shading from top to bottom so the body is not a flat patch that only the mark breaks.
-    shade = 1.0 + 0.15 * (cy - yy) / b
-    image = np.where((body | head | tail)[..., None], body_colour * shade[..., None], image)
+    covered = body | head | tail
+    image[covered] = shaded(body_colour, yy, cy, b)[covered]
 
     # A 2x2 eye; clipping both ends keeps a head partly outside the image from wrapping around.
     eye_x, eye_y = int(round(head_x + facing * 0.35 * head_r)), int(round(head_y - 0.2 * head_r))
     x0, x1 = np.clip([eye_x - 1, eye_x + 1], 0, size)
     y0, y1 = np.clip([eye_y - 1, eye_y + 1], 0, size)
-    image[y0:y1, x0:x1] = _darker(rng, body_colour)
+    image[y0:y1, x0:x1] = darker(rng, body_colour)
 
-    ink = _darker(rng, body_colour)
-    for copy in range(copies):
-        left = mark_x + copy * MARK_SIZE
-        image[mark_y : mark_y + MARK_SIZE, left : left + MARK_SIZE][mark_mask(label)] = ink
+    draw_mark(image, label, mark_x, mark_y, copies, darker(rng, body_colour))
+    return covered, mark_x, mark_y
 
-    image += rng.normal(0.0, 4.0, size=image.shape).astype(np.float32)
+
+def to_pixels(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Add sensor noise to the float ``image`` and round it to uint8."""
+    image = image + rng.normal(0.0, 4.0, size=image.shape).astype(np.float32)
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_image(label: int, rng: np.random.Generator, size: int, copies: int = 2) -> np.ndarray:
+    """Draw one (size, size, 3) uint8 image of class ``label`` using ``rng`` only."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    image = texture(rng, size, yy, xx)
+    draw_bird(image, label, rng, copies, yy, xx)
+    return to_pixels(image, rng)
 
 
 def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -231,8 +277,8 @@ def _write_split_files(root: Path, records: list[tuple[str, int, int]], names: l
     )
 
 
-def write_demo_dataset(root: Path, spec: DemoSpec) -> None:
-    """Generate the demo set into ``root`` (which must not hold files yet), CUB layout."""
+def write_demo_dataset(root: Path, spec: SyntheticSpec) -> None:
+    """Generate the set ``spec`` describes into ``root`` (which must not hold files yet), CUB layout."""
     names = class_names(spec.num_classes)
     records: list[tuple[str, int, int]] = []
     for split, per_class in (("train", spec.train_per_class), ("test", spec.test_per_class)):
@@ -242,7 +288,7 @@ def write_demo_dataset(root: Path, spec: DemoSpec) -> None:
             path = root / "images" / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             rng = _image_rng(spec.seed, split, index)
-            pixels = render_image(label, rng, spec.image_size, spec.mark_copies)
+            pixels = spec.render(label, rng)
             # 4:4:4 chroma and high quality keep the 2 px cells of the mark crisp.
             Image.fromarray(pixels).save(path, quality=95, subsampling=0)
             records.append((rel, label, 1 if split == "train" else 0))
@@ -264,11 +310,12 @@ def _read_info(root: Path) -> dict | None:
 
 
 def generate_demo_dataset(
-    root: str | os.PathLike[str] = DEFAULT_DEMO_ROOT, spec: DemoSpec | None = None
+    root: str | os.PathLike[str] = DEFAULT_DEMO_ROOT, spec: SyntheticSpec | None = None
 ) -> Path:
-    """Make sure the demo set described by ``spec`` exists in ``root``; generate it if not.
+    """Make sure the generated set described by ``spec`` exists in ``root``; generate it if not.
 
-    Called on first use by ``build_dataset('synthetic', ...)``. It is written to a temporary
+    Called on first use by ``build_dataset('synthetic', ...)`` (and 'synthetic-hard', whose
+    ``HardSpec`` draws the images). It is written to a temporary
     sibling directory and renamed into place, so an interrupted run never leaves a half-written
     set, and concurrent processes (DDP ranks) do not corrupt each other. A ``root`` holding an
     older or different demo set is replaced; a ``root`` holding anything else is an error (we
@@ -276,8 +323,8 @@ def generate_demo_dataset(
 
     Args:
         root: target directory (default ``data/demo`` relative to the working directory).
-        spec: what to generate; the default is 10 classes, 300 train and 100 test images per
-            class, 64 px, seed 0.
+        spec: what to generate (a ``DemoSpec`` or ``HardSpec``); the default is the demo's
+            ``DemoSpec()``: 10 classes, 300 train and 100 test images per class, 64 px, seed 0.
 
     Returns:
         The root path of the generated set (CUB layout).
@@ -306,7 +353,7 @@ def generate_demo_dataset(
     return root
 
 
-def _replace_dir(src: Path, dst: Path, spec: DemoSpec) -> None:
+def _replace_dir(src: Path, dst: Path, spec: SyntheticSpec) -> None:
     """Move ``src`` to ``dst``, replacing an old demo set; tolerate a concurrent writer."""
     if dst.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))

@@ -163,7 +163,11 @@ def branch_checks(
             eval_out = model.eval()(images)
         model.train()
         results.append(check_rollout_rows({"train": out.rollout, "eval": eval_out.rollout}))
-        results.append(check_top_r(out.rollout, out.local_index, model.top_ratio))
+        if model.glca_select == "rollout":
+            results.append(check_top_r(out.rollout, out.local_index, model.top_ratio))
+        else:
+            why = f"model.glca_select is {model.glca_select}: GLCA's patches are not the top-R by rollout"
+            results.append(skipped("branches.glca_top_r", why, "glca_select: rollout"))
     else:
         for name in ("branches.rollout_rows", "branches.glca_top_r"):
             results.append(skipped(name, "model.glca is false", "GLCA on"))

@@ -19,6 +19,7 @@ from .. import engine  # a module import: engine imports evaluation.metrics
 from ..builders import build_eval_loader, build_eval_split
 from ..data import ImageDataset
 from ..distributed import init_distributed
+from ..errors import UsageError
 from ..inference import TTA_CHOICES
 from ..prediction import load_trained
 from ..visualize import draw_attention_grid
@@ -29,7 +30,7 @@ from .throughput import Throughput, measure_throughput
 _logger = logging.getLogger(__name__)
 
 
-class ClassMismatchError(ValueError):
+class ClassMismatchError(UsageError):
     """The dataset's classes are not the ones the checkpoint was trained on."""
 
 
@@ -72,11 +73,11 @@ def default_out_dir(checkpoint: Path, split: str, tta: str) -> Path:
 
 def _check_options(visualize: int, tta: str, throughput_iterations: int) -> None:
     if visualize < 0 or throughput_iterations < 0:
-        raise ValueError(
+        raise UsageError(
             f"--visualize and --throughput-iters must be >= 0, got {visualize}, {throughput_iterations}"
         )
     if tta not in TTA_CHOICES:
-        raise ValueError(f"--tta must be one of {TTA_CHOICES}, got '{tta}'")
+        raise UsageError(f"--tta must be one of {TTA_CHOICES}, got '{tta}'")
 
 
 def evaluate_checkpoint(
@@ -105,11 +106,11 @@ def evaluate_checkpoint(
     dist = init_distributed(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     trained = load_trained(checkpoint, overrides)
     if visualize and not trained.model.use_glca:
-        raise ValueError("--visualize needs the GLCA branch (rollout); this model has model.glca: false")
+        raise UsageError("--visualize needs the GLCA branch (rollout); this model has model.glca: false")
     dataset = build_eval_split(trained.config, split)
     check_classes(trained.classes, dataset, trained.checkpoint, trained.config.data.root)
     if len(dataset) == 0:
-        raise ValueError(f"{dataset.description} at {trained.config.data.root} holds no images")
+        raise UsageError(f"{dataset.description} at {trained.config.data.root} holds no images")
     loader = build_eval_loader(trained.config, dataset, trained.device, dist)
     _logger.info("evaluating %s on %s (%d images, %s, TTA %s)", trained.checkpoint, dataset.description,
                  len(dataset), trained.device, tta)  # fmt: skip

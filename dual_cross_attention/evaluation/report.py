@@ -13,6 +13,7 @@ import torch
 
 from ..builders import normalization
 from ..data import ImageDataset
+from ..errors import UsageError
 from ..inference import class_probabilities
 from ..models.dual_vit import PREDICT_MODES
 from ..prediction import TrainedModel
@@ -90,7 +91,7 @@ def attention_examples(
     """``count`` images of ``dataset`` with their rollout, GLCA patches and primary-mode prediction."""
     model = trained.model
     if not model.use_glca:
-        raise ValueError(
+        raise UsageError(
             "attention pictures need the GLCA branch (rollout); this model has model.glca: false"
         )
     indices = spread_indices(len(dataset), count)
@@ -100,7 +101,7 @@ def attention_examples(
     predicted = probs["sa+glca"].argmax(dim=1).tolist()
     gh, gw = model.backbone.patch_embed.grid_size
     rollout = out.rollout.float().view(len(items), gh, gw).cpu().numpy()  # (B, gh, gw)
-    pixels = to_uint8(images, *normalization(trained.config.model.backbone))
+    pixels = to_uint8(images, *normalization(trained.config))
     return [
         AttentionExample(
             image=pixels[i],

@@ -21,6 +21,8 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from ..errors import UsageError
+
 _logger = logging.getLogger(__name__)
 
 # timm modules whose models are VisionTransformer (or its distilled subclass).
@@ -28,7 +30,7 @@ VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit")
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 
 
-class UnsupportedBackboneError(ValueError):
+class UnsupportedBackboneError(UsageError):
     """The timm model cannot be driven by DCAL (wrong family or a feature DCAL does not model)."""
 
 

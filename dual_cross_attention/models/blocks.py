@@ -147,24 +147,22 @@ def pwca_block(block: Block, pw: torch.Tensor, k2: torch.Tensor, v2: torch.Tenso
     return block_tail(block, pw, attended)
 
 
-def glca_block(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Global-local cross-attention: the tokens at ``rows`` query all tokens of ``x``.
+def glca_block(block: Block, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Global-local cross-attention: ``queries`` attend to the tokens of ``context``.
 
-    Queries are projected for the selected rows only, and the attention output and MLP run on
-    them alone.
+    Queries are projected for the query tokens only, keys and values for the context only, and
+    the attention output and MLP run on the query tokens alone.
 
     Args:
-        x: (B, N, C) all tokens.
-        rows: (B, Nq) long, token indices of the queries.
+        queries: (B, Nq, C) the query tokens (prefix and/or selected patches of block L's input).
+        context: (B, Nk, C) the key/value tokens (all of block L's input, or the selected ones).
 
     Returns:
-        (B, Nq, C) the selected tokens after the block.
+        (B, Nq, C) the query tokens after the block.
     """
-    C = x.shape[-1]
-    selected = x.gather(1, rows.unsqueeze(-1).expand(-1, -1, C))  # (B, Nq, C)
-    k, v = project_kv(block.attn, block.norm1(x))  # (B, nh, N, hd)
-    q = project_q(block.attn, block.norm1(selected))  # (B, nh, Nq, hd)
-    return block_tail(block, selected, fused_attention(block.attn, q, k, v))
+    k, v = project_kv(block.attn, block.norm1(context))  # (B, nh, Nk, hd)
+    q = project_q(block.attn, block.norm1(queries))  # (B, nh, Nq, hd)
+    return block_tail(block, queries, fused_attention(block.attn, q, k, v))
 
 
 @torch.no_grad()

@@ -1,12 +1,15 @@
 """The DCAL model: a timm Vision Transformer driven as three streams.
 
 - SA: the backbone's L blocks on image I1 (the usual ViT).
-- PWCA (training only): the same L blocks, starting from I1's embeddings; at each block the
-  keys/values are [own; SA keys/values of the distractor I2], which the SA stream of I2 has
-  already computed, so I2 is never run twice.
-- GLCA (M=1): its own block, a copy of block L, in parallel with block L. Queries are the prefix
-  tokens plus the top-R patches by attention rollout; keys/values are all tokens of block L's
-  input. Its class token goes through its own norm and head.
+- PWCA (training only): the same blocks; in each of the last T (``pwca_blocks``, default all L)
+  the keys/values are [own; SA keys/values of the distractor I2], which the SA stream of I2 has
+  already computed, so I2 is never run twice. Before those blocks the PWCA stream would be I1's
+  SA stream, so it branches off the SA hidden state instead of recomputing it.
+- GLCA (M=1): its own block, a copy of block L, in parallel with block L, on block L's input.
+  Local patches: the top-R by attention rollout (``glca_select``: or by block L's map alone, or
+  at random). Keys/values: all tokens (``glca_kv``: or the prefix and local tokens only).
+  Readout (``glca_readout``): the class token, the mean of the local tokens, or of both, after
+  GLCA's own norm, into its own head. Only the query rows that reach the readout are run.
 
 This module only wires the streams: ``blocks`` runs one timm block as an SA, PWCA or GLCA
 step, ``rollout`` scores the patches, ``backbone`` embeds the images and applies the head.
@@ -26,11 +29,23 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UsageError
 from .backbone import create_backbone, embed, head_outputs, pooled_features
 from .blocks import glca_block, pwca_block, queries_keys, sa_block, sa_block_with_map
-from .rollout import num_local_tokens, rollout_cls_row, rollout_from_qk, select_local_tokens
+from .pairs import pwca_pairs
+from .rollout import (
+    cls_attention_row,
+    num_local_tokens,
+    rollout_cls_row,
+    rollout_from_qk,
+    select_local_tokens,
+    select_random_tokens,
+)
 
 PREDICT_MODES = ("sa", "glca", "sa+glca")
+GLCA_READOUTS = ("cls", "local", "cls+local")
+GLCA_SELECTS = ("rollout", "last", "random")
+GLCA_KVS = ("global", "local")
 
 
 @dataclass
@@ -43,25 +58,18 @@ class DualViTOutput:
     glca_features: torch.Tensor | None = None  # (B, C)
     pwca_logits: torch.Tensor | None = None  # (B, K); None in eval mode or when PWCA is off
     rollout: torch.Tensor | None = None  # (B, P) class-token rollout row over patches; None without GLCA
-    local_index: torch.Tensor | None = None  # (B, k) patches picked as GLCA queries, highest rollout first
+    local_index: torch.Tensor | None = None  # (B, k) patches picked for GLCA, highest score first
 
 
-def random_derangement(n: int, device: torch.device | str | None = None, tries: int = 32) -> torch.Tensor:
-    """A uniformly random permutation of range(n) with no fixed point (n >= 2), drawn on ``device``
-    without a host-device sync.
+@dataclass
+class Streams:
+    """What the block loop hands on. Shapes: B images, N tokens, C width."""
 
-    ``tries`` uniform permutations are drawn at once and the first without a fixed point is kept
-    (exact rejection sampling). Only if all of them have one, with probability at most 2^-tries
-    (about (1 - 1/e)^tries for large n), a random rotation of the identity is used instead:
-    still a derangement, and the choice is made on the device (``torch.where``), not the host.
-    """
-    perms = torch.rand(tries, n, device=device).argsort(dim=1)  # (tries, n) uniform permutations
-    identity = torch.arange(n, device=device)
-    valid = (perms != identity).all(dim=1)  # (tries,)
-    first = valid.float().argmax()  # index of the first valid one (0 when none is)
-    shift = torch.randint(1, n, (), device=device)
-    rotation = (identity + shift) % n
-    return torch.where(valid.any(), perms[first], rotation)
+    sa: torch.Tensor  # (B, N, C) SA tokens after block L
+    pwca: torch.Tensor | None  # (B, N, C) PWCA tokens after block L; None without PWCA
+    last_input: torch.Tensor  # (B, N, C) block L's input: GLCA's input
+    rollout: torch.Tensor | None  # (B, N) class row of the rollout through block L; None without GLCA
+    last_row: torch.Tensor | None  # (B, N) class row of block L's head-averaged map; for glca_select=last
 
 
 class DualViT(nn.Module):
@@ -75,6 +83,10 @@ class DualViT(nn.Module):
         top_ratio: float = 0.1,
         glca: bool = True,
         pwca: bool = True,
+        glca_readout: str = "cls",
+        glca_select: str = "rollout",
+        glca_kv: str = "global",
+        pwca_blocks: int | str = "all",
         drop_path_rate: float = 0.1,
         grad_checkpointing: bool = False,
         backbone_kwargs: dict | None = None,
@@ -91,13 +103,31 @@ class DualViT(nn.Module):
             top_ratio: R, the fraction of patches GLCA uses as local queries (0.1 for FGVC).
             glca: build the global-local cross-attention branch.
             pwca: run the pair-wise cross-attention branch in training.
+            glca_readout: what GLCA's head reads, after GLCA's norm: ``cls`` the prefix (class)
+                token, ``local`` the mean of the local tokens, ``cls+local`` the mean of the class
+                token and the local tokens. With ``cls`` and ``glca_kv=global`` the selection
+                does not change the output (only the prefix queries are run).
+            glca_select: how the local patches are picked: ``rollout`` top-R by the class row of
+                the rollout through block L, ``last`` top-R by the class row of block L's own
+                map, ``random`` R patches drawn at random in every forward.
+            glca_kv: GLCA's keys/values: ``global`` all tokens of block L's input, ``local`` the
+                prefix and local tokens only.
+            pwca_blocks: ``all``, or T in [0, depth]: PWCA in the last T blocks only (T = 0 makes
+                the PWCA logits the SA logits, up to dropout).
             drop_path_rate: stochastic depth rate.
             grad_checkpointing: recompute each block in backward instead of storing activations.
             backbone_kwargs: extra ``timm.create_model`` arguments (e.g. a small ViT for CPU runs).
         """
         super().__init__()
         if not 0.0 < top_ratio <= 1.0:
-            raise ValueError(f"model.top_ratio must be in (0, 1], got {top_ratio}")
+            raise UsageError(f"model.top_ratio must be in (0, 1], got {top_ratio}")
+        for name, value, valid in (
+            ("glca_readout", glca_readout, GLCA_READOUTS),
+            ("glca_select", glca_select, GLCA_SELECTS),
+            ("glca_kv", glca_kv, GLCA_KVS),
+        ):
+            if value not in valid:
+                raise UsageError(f"model.{name} must be one of {list(valid)}, got {value!r}")
         self.backbone = create_backbone(
             backbone, num_classes, img_size, pretrained, pretrained_path, drop_path_rate, backbone_kwargs
         )
@@ -105,6 +135,10 @@ class DualViT(nn.Module):
         self.top_ratio = top_ratio
         self.use_glca = glca
         self.use_pwca = pwca
+        self.glca_readout = glca_readout
+        self.glca_select = glca_select
+        self.glca_kv = glca_kv
+        self.pwca_blocks = resolve_pwca_blocks(pwca_blocks, len(self.backbone.blocks))
         self.grad_checkpointing = grad_checkpointing
         self.num_prefix_tokens = self.backbone.num_prefix_tokens
         self.num_patches = self.backbone.patch_embed.num_patches
@@ -128,35 +162,42 @@ class DualViT(nn.Module):
         """
         run_pwca = self.use_pwca and self.training
         if run_pwca:
-            pair_index = self._check_pair_index(images.shape[0], pair_index, images.device)
+            pair_index = pwca_pairs(images.shape[0], pair_index, images.device)
         bb = self.backbone
         x = embed(bb, images)  # (B, N, C)
-        if torch.is_grad_enabled():
-            sa, pw, last_input, rollout = self._blocks_with_grad(x, pair_index if run_pwca else None)
-        else:
-            sa, pw, last_input, rollout = self._blocks_without_grad(x, pair_index if run_pwca else None)
+        blocks = self._blocks_with_grad if torch.is_grad_enabled() else self._blocks_without_grad
+        streams = blocks(x, pair_index if run_pwca else None)
 
-        sa_features, sa_logits = head_outputs(bb, bb.norm(sa))
+        sa_features, sa_logits = head_outputs(bb, bb.norm(streams.sa))
         out = DualViTOutput(sa_logits=sa_logits, sa_features=sa_features)
-        if pw is not None:
-            out.pwca_logits = head_outputs(bb, bb.norm(pw))[1]
+        if streams.pwca is not None:
+            out.pwca_logits = head_outputs(bb, bb.norm(streams.pwca))[1]
         if self.use_glca:
-            out.rollout = rollout[:, self.num_prefix_tokens :]
-            out.local_index = select_local_tokens(out.rollout, self.num_local_tokens)
-            out.glca_features = self._glca(last_input, out.local_index)
+            P = self.num_prefix_tokens
+            out.rollout = streams.rollout[:, P:]
+            out.local_index = self._select_local(out.rollout, streams.last_row)
+            out.glca_features = self._glca(streams.last_input, out.local_index)
             out.glca_logits = self.glca_head(out.glca_features)
         return out
 
-    def _blocks_with_grad(
-        self, x: torch.Tensor, pair_index: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """Fused attention through all blocks; rollout afterwards from the kept queries/keys.
+    @property
+    def pwca_start(self) -> int:
+        """0-based index of the first block that runs PWCA (depth when T = 0)."""
+        return len(self.backbone.blocks) - self.pwca_blocks
 
-        Returns: SA tokens after block L, PWCA tokens (or None), block L's input, rollout row (or None).
-        """
-        pw = x if pair_index is not None else None
+    def _branch_pwca(
+        self, i: int, x: torch.Tensor, pw: torch.Tensor | None, pair_index: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The PWCA stream entering block ``i``: up to the first PWCA block it would equal I1's SA
+        stream, so it branches off the SA tokens ``x`` there instead of being recomputed."""
+        return x if pair_index is not None and i == self.pwca_start else pw
+
+    def _blocks_with_grad(self, x: torch.Tensor, pair_index: torch.Tensor | None) -> Streams:
+        """Fused attention through all blocks; rollout afterwards from the kept queries/keys."""
+        pw = None
         inputs, qk = [], []
-        for block in self.backbone.blocks:
+        for i, block in enumerate(self.backbone.blocks):
+            pw = self._branch_pwca(i, x, pw, pair_index)
             inputs.append(x)
             if self.grad_checkpointing:
                 x, pw, q, k = checkpoint(self._sa_pwca_block, block, x, pw, pair_index, use_reentrant=False)
@@ -166,28 +207,34 @@ class DualViT(nn.Module):
             # With it, holding them would undo the saving, so rollout recomputes them from the
             # block inputs that checkpointing keeps.
             qk.append(None if self.grad_checkpointing else (q, k))
-        rollout = None
+        pw = self._branch_pwca(len(inputs), x, pw, pair_index)  # T = 0: no PWCA block
+        rollout = last_row = None
         if self.use_glca:
             blocks = list(self.backbone.blocks)
             last_first = zip(reversed(blocks), reversed(inputs), reversed(qk), strict=True)
             rollout = rollout_from_qk(pair or queries_keys(b, inp) for b, inp, pair in last_first)
-        return x, pw, inputs[-1], rollout
+            if self.glca_select == "last":
+                last_row = cls_attention_row(*(qk[-1] or queries_keys(blocks[-1], inputs[-1])))
+        return Streams(x, pw, inputs[-1], rollout, last_row)
 
-    def _blocks_without_grad(
-        self, x: torch.Tensor, pair_index: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    def _blocks_without_grad(self, x: torch.Tensor, pair_index: torch.Tensor | None) -> Streams:
         """Explicit attention (no autograd): the maps it computes anyway are reused for rollout."""
-        pw = x if pair_index is not None else None
+        pw = None
         maps = []
         last_input = x
-        for block in self.backbone.blocks:
+        for i, block in enumerate(self.backbone.blocks):
+            pw = self._branch_pwca(i, x, pw, pair_index)
             last_input = x
             x, k, v, head_mean = sa_block_with_map(block, x)
             maps.append(head_mean)
             if pw is not None:
                 pw = pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
-        rollout = rollout_cls_row(maps[-1][:, 0], reversed(maps[:-1])) if self.use_glca else None
-        return x, pw, last_input, rollout
+        pw = self._branch_pwca(len(maps), x, pw, pair_index)  # T = 0: no PWCA block
+        rollout = last_row = None
+        if self.use_glca:
+            rollout = rollout_cls_row(maps[-1][:, 0], reversed(maps[:-1]))
+            last_row = maps[-1][:, 0] if self.glca_select == "last" else None
+        return Streams(x, pw, last_input, rollout, last_row)
 
     @staticmethod
     def _sa_pwca_block(
@@ -199,38 +246,38 @@ class DualViT(nn.Module):
             pw = pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
         return x, pw, q.detach(), k.detach()
 
-    def _check_pair_index(
-        self, batch_size: int, pair_index: torch.Tensor | None, device: torch.device
-    ) -> torch.Tensor:
-        if batch_size < 2:
-            raise ValueError(
-                "PWCA pairs every image with another image of the same batch, so a training batch needs at "
-                f"least 2 images (got {batch_size}). Use train.batch_size >= 2 with drop_last so no batch of "
-                "1 is left over, or set model.pwca: false."
-            )
-        if pair_index is None:
-            return random_derangement(batch_size, device)
-        if pair_index.shape != (batch_size,) or pair_index.dtype != torch.long:
-            raise ValueError(
-                f"pair_index must be a LongTensor of shape ({batch_size},), got {pair_index.dtype} "
-                f"{tuple(pair_index.shape)}"
-            )
-        if bool((pair_index < 0).any()) or bool((pair_index >= batch_size).any()):
-            raise ValueError(
-                f"pair_index values must index the batch, in [0, {batch_size}): {pair_index.tolist()}"
-            )
-        return pair_index.to(device)
+    def _select_local(self, rollout: torch.Tensor, last_row: torch.Tensor | None) -> torch.Tensor:
+        """GLCA's local patches (B, k) by ``glca_select``, from the rollout over the patches
+        (B, num_patches) or block L's class row over all tokens (B, N)."""
+        k = self.num_local_tokens
+        if self.glca_select == "rollout":
+            return select_local_tokens(rollout, k)
+        if self.glca_select == "last":
+            return select_local_tokens(last_row[:, self.num_prefix_tokens :], k)
+        return select_random_tokens(rollout.shape[0], rollout.shape[1], k, rollout.device)
 
     def _glca(self, x: torch.Tensor, local_index: torch.Tensor) -> torch.Tensor:
-        """GLCA on block L's input ``x`` (B, N, C); returns pooled class-token features (B, C)."""
-        B = x.shape[0]
-        prefix = torch.arange(self.num_prefix_tokens, device=x.device).expand(B, -1)
-        rows = torch.cat([prefix, local_index + self.num_prefix_tokens], dim=1)  # (B, P + k)
+        """GLCA on block L's input ``x`` (B, N, C) with local patches ``local_index`` (B, k);
+        returns the pooled readout features (B, C)."""
+        queries, context = self._glca_tokens(x, local_index)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            tokens = checkpoint(glca_block, self.glca_block, x, rows, use_reentrant=False)
+            tokens = checkpoint(glca_block, self.glca_block, queries, context, use_reentrant=False)
         else:
-            tokens = glca_block(self.glca_block, x, rows)
-        return pooled_features(self.backbone, self.glca_norm(tokens))
+            tokens = glca_block(self.glca_block, queries, context)
+        readout = glca_readout_tokens(self.glca_norm(tokens), self.num_prefix_tokens, self.glca_readout)
+        return pooled_features(self.backbone, readout)
+
+    def _glca_tokens(self, x: torch.Tensor, local_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLCA's query tokens, only those its readout reads (prefix, local, or prefix then local),
+        and its key/value tokens (all of ``x``, or prefix then local)."""
+        P = self.num_prefix_tokens
+        prefix = x[:, :P]  # (B, P, C)
+        if self.glca_readout == "cls" and self.glca_kv == "global":
+            return prefix, x  # the selection cannot reach the output: nothing to gather
+        local = x[:, P:].gather(1, local_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, k, C)
+        selected = torch.cat([prefix, local], dim=1)  # (B, P + k, C)
+        queries = {"cls": prefix, "local": local, "cls+local": selected}[self.glca_readout]
+        return queries, x if self.glca_kv == "global" else selected
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, mode: str = "sa+glca") -> torch.Tensor:
@@ -249,6 +296,39 @@ class DualViT(nn.Module):
         finally:
             self.train(was_training)
         return combine_probabilities(out, mode)
+
+
+def resolve_pwca_blocks(pwca_blocks: int | str, depth: int) -> int:
+    """T, the number of last blocks that run PWCA: ``all`` is the depth; an int must be in [0, depth]."""
+    if pwca_blocks == "all":
+        return depth
+    if isinstance(pwca_blocks, bool) or not isinstance(pwca_blocks, int) or not 0 <= pwca_blocks <= depth:
+        raise UsageError(
+            f"model.pwca_blocks must be 'all' or an integer in [0, {depth}] (the backbone has {depth} "
+            f"blocks), got {pwca_blocks!r}"
+        )
+    return pwca_blocks
+
+
+def glca_readout_tokens(tokens: torch.Tensor, num_prefix: int, readout: str) -> torch.Tensor:
+    """GLCA's normed query outputs turned into prefix tokens (B, P, C) that hold the readout, so
+    the backbone's own pooling (class token; class and distillation tokens averaged for a
+    distilled DeiT) and pre-logits layers apply to it unchanged.
+
+    Args:
+        tokens: (B, Nq, C) the outputs of ``_glca_tokens``'s queries after GLCA's norm: the P
+            prefix tokens (``cls``), the k local tokens (``local``), or both (``cls+local``).
+        readout: ``cls``: the prefix tokens. ``local``: every prefix position holds the mean of
+            the local tokens. ``cls+local``: each prefix token averaged with the k local tokens,
+            (t + sum local) / (k + 1), so the pooled prefix readout counts as one token among
+            k + 1 (for a distilled DeiT the class/distillation mean, not each of them).
+    """
+    if readout == "cls":
+        return tokens
+    if readout == "local":
+        return tokens.mean(dim=1, keepdim=True).expand(-1, num_prefix, -1)
+    prefix, local = tokens[:, :num_prefix], tokens[:, num_prefix:]  # (B, P, C), (B, k, C)
+    return (prefix + local.sum(dim=1, keepdim=True)) / (local.shape[1] + 1)
 
 
 def combine_probabilities(out: DualViTOutput, mode: str) -> torch.Tensor:

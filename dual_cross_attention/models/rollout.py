@@ -1,4 +1,5 @@
-"""Attention rollout of the class token and the choice of GLCA's local queries.
+"""Attention rollout of the class token and the choice of GLCA's local queries (by rollout, by
+the last block's map alone, or at random).
 
 Only the class-token row of the rollout is needed, so a row vector is multiplied through the
 head-averaged maps from the last block down; no N x N x N matrix chain is formed. Nothing here
@@ -35,6 +36,16 @@ def attention_map(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     with fp32(q.device):
         scores = (q.float() * softmax_scale(q.shape[-1])) @ k.float().transpose(-2, -1)  # (B, nh, Nq, N)
         return scores.softmax(dim=-1).mean(dim=1)
+
+
+@torch.no_grad()
+def cls_attention_row(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Class-token row (B, N) of the head-averaged map, from the class query alone.
+
+    Args:
+        q: (B, nh, N, hd) or (B, nh, 1, hd); only the first query is used. k: (B, nh, N, hd).
+    """
+    return attention_map(q[:, :, :1], k)[:, 0]
 
 
 @torch.no_grad()
@@ -76,7 +87,7 @@ def rollout_from_qk(qk_last_first: Iterable[tuple[torch.Tensor, torch.Tensor]]) 
     """
     blocks = iter(qk_last_first)
     q_last, k_last = next(blocks)
-    row = 0.5 * attention_map(q_last[:, :, :1], k_last)[:, 0]  # only the class-token query is needed
+    row = 0.5 * cls_attention_row(q_last, k_last)
     row[:, 0] += 0.5  # e0 (0.5 S_L + 0.5 I)
     B, heads, N, _ = k_last.shape
     buffer = torch.empty(B, heads, N, N, device=k_last.device, dtype=torch.float32)
@@ -112,6 +123,13 @@ def num_local_tokens(top_ratio: float, num_patches: int) -> int:
     return min(num_patches, max(1, math.ceil(top_ratio * num_patches)))
 
 
-def select_local_tokens(rollout: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (B, k) of the k patches with the highest rollout score, highest first."""
-    return rollout.topk(k, dim=1).indices
+def select_local_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k) of the k patches with the highest score (rollout or one block's class row),
+    highest first."""
+    return scores.topk(k, dim=1).indices
+
+
+def select_random_tokens(batch: int, num_patches: int, k: int, device: torch.device) -> torch.Tensor:
+    """Indices (B, k) of k distinct patches per image, uniformly at random: the top k of uniform
+    noise drawn on ``device`` from torch's generator (reproducible under its seed, no host sync)."""
+    return torch.rand(batch, num_patches, device=device).topk(k, dim=1).indices
