@@ -24,6 +24,7 @@ _logger = logging.getLogger(__name__)
 
 # Keys a resumed run may change; any other difference would make the resumed run a different
 # experiment than the one in the checkpoint.
+NOT_THE_EXPERIMENT = ("run.", "lr_find.", "ablation.")  # sections about how a run is driven
 RESUME_MAY_CHANGE = {
     "train.epochs",
     "train.empty_cache_every",
@@ -68,7 +69,7 @@ def check_resume_compatible(cfg: Config, saved: dict[str, Any], path: Path) -> N
     changed = sorted(
         k
         for k in now
-        if now[k] != then.get(k) and k not in RESUME_MAY_CHANGE and not k.startswith(("run.", "lr_find.", "ablation."))
+        if now[k] != then.get(k) and k not in RESUME_MAY_CHANGE and not k.startswith(NOT_THE_EXPERIMENT)
     )
     if changed:
         diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed)
