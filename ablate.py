@@ -11,11 +11,11 @@ runs and continues interrupted ones.
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 
 from dual_cross_attention.ablation import BUILTIN_VARIANTS, ablation_name, known_variants, run_ablation
+from dual_cross_attention.cli import add_overrides, configure_logging, script_parser
 from dual_cross_attention.config import load_config, parse_override
 from dual_cross_attention.distributed import cleanup
 from dual_cross_attention.errors import DcalError, UsageError
@@ -24,9 +24,7 @@ SET_BY_ABLATION = {"train.seed": "--seeds", "run.name": "--name"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo_hard.yaml")
     parser.add_argument(
         "--variants", nargs="+", default=["sa", "glca", "pwca", "dcal"], metavar="NAME",
@@ -36,10 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED", help="train.seed of each run"
     )
-    parser.add_argument(
-        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-        help="override config keys for every run, e.g. --set train.epochs=8",
-    )  # fmt: skip
+    add_overrides(parser, "override config keys for every run, e.g. --set train.epochs=8")
     parser.add_argument("--name", default=None, help="directory under run.output_dir (default: config stem)")
     parser.add_argument("--list", action="store_true", help="print the known variants and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
@@ -48,9 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
+    configure_logging()
     command = shlex.join(["python", "ablate.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         for text in args.overrides:

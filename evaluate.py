@@ -11,10 +11,10 @@ Several GPUs: torchrun --nproc_per_node=N evaluate.py ... (each image is counted
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from dual_cross_attention.cli import add_overrides, configure_logging, script_parser
 from dual_cross_attention.distributed import cleanup
 from dual_cross_attention.errors import DcalError
 from dual_cross_attention.evaluation import evaluate_checkpoint, format_report, write_json
@@ -22,15 +22,12 @@ from dual_cross_attention.inference import TTA_CHOICES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="last.pt or best.pt written by train.py")
     parser.add_argument("--split", default="test", help="test (default), val or train")
-    parser.add_argument(
-        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-        help="override the checkpoint's config, e.g. --set data.root=/data/CUB_200_2011 train.device=cpu",
-    )  # fmt: skip
+    add_overrides(
+        parser, "override the checkpoint's config, e.g. --set data.root=/data/CUB_200_2011 train.device=cpu"
+    )
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     parser.add_argument("--out", help="folder for the tables and pictures (default: next to the checkpoint)")
     parser.add_argument(
@@ -48,9 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
+    configure_logging()
     try:
         report = evaluate_checkpoint(
             args.checkpoint, split=args.split, overrides=args.overrides, out_dir=args.out,

@@ -10,9 +10,9 @@ outputs). Exit code 1 when nothing could be predicted.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from dual_cross_attention.cli import configure_logging, script_parser
 from dual_cross_attention.errors import DcalError
 from dual_cross_attention.inference import TTA_CHOICES
 from dual_cross_attention.models import PREDICT_MODES
@@ -26,9 +26,7 @@ from dual_cross_attention.prediction import (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="last.pt or best.pt written by train.py")
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and/or folders")
     parser.add_argument("--top-k", type=int, default=5, help="classes reported per image (default 5)")
@@ -44,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
+    configure_logging()
     overrides = [f"train.device={args.device}"] if args.device else []
     try:
         trained = load_trained(args.checkpoint, overrides)

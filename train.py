@@ -6,12 +6,12 @@ python train.py [--config configs/demo.yaml] [--set section.key=value ...] [--re
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
+from dual_cross_attention.cli import add_overrides, configure_logging, script_parser
 from dual_cross_attention.config import load_config
 from dual_cross_attention.distributed import cleanup
 from dual_cross_attention.errors import DcalError
@@ -22,14 +22,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="experiment YAML (default: the demo)")
-    parser.add_argument(
-        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-        help="override config keys, e.g. --set train.batch_size=4 model.pwca=false",
-    )  # fmt: skip
+    add_overrides(parser, "override config keys, e.g. --set train.batch_size=4 model.pwca=false")
     parser.add_argument("--resume", default=None, help="'auto' (this run's last.pt) or a checkpoint path")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
     parser.add_argument(
@@ -72,9 +67,7 @@ def resume_command(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
+    configure_logging()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         cfg = load_config(args.config, args.overrides)
