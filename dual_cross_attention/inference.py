@@ -17,6 +17,11 @@ from .runtime import autocast
 TTA_CHOICES = ("none", "flip")
 
 
+def available_modes(model: DualViT) -> tuple[str, ...]:
+    """Inference modes ``model`` can run: all three with GLCA, else only ``sa``."""
+    return PREDICT_MODES if model.use_glca else ("sa",)
+
+
 def check_mode(mode: str, available: Sequence[str]) -> None:
     """Refuse a mode the model cannot run, saying why (no GLCA branch) rather than failing later."""
     if mode not in available:

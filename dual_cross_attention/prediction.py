@@ -26,8 +26,8 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, apply_overrides, from_dict, parse_override
 from .data import CorruptImageError, ImagePipeline, load_rgb
 from .errors import UsageError
-from .inference import as_distribution, check_mode, class_probabilities
-from .models.dual_vit import PREDICT_MODES, DualViT
+from .inference import as_distribution, available_modes, check_mode, class_probabilities
+from .models.dual_vit import DualViT
 from .runtime import inference_precision, resolve_device
 
 _logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class TrainedModel:
     @property
     def modes(self) -> tuple[str, ...]:
         """Inference modes this model can run: all three with GLCA, else only ``sa``."""
-        return PREDICT_MODES if self.model.use_glca else ("sa",)
+        return available_modes(self.model)
 
 
 # What may differ where a checkpoint is used; any other key would change what is measured.

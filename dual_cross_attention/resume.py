@@ -22,9 +22,9 @@ from .run_io import RunInUseError, RunLock
 
 _logger = logging.getLogger(__name__)
 
+NOT_THE_EXPERIMENT = ("run.", "lr_find.", "ablation.")  # sections about how a run is driven
 # Keys a resumed run may change; any other difference would make the resumed run a different
 # experiment than the one in the checkpoint.
-NOT_THE_EXPERIMENT = ("run.", "lr_find.", "ablation.")  # sections about how a run is driven
 RESUME_MAY_CHANGE = {
     "train.epochs",
     "train.empty_cache_every",
@@ -136,7 +136,7 @@ def keep_effective_batch(cfg: Config, state: dict[str, Any], path: Path, world_s
     checkpoint (and so the LR schedule) is kept by adjusting gradient accumulation, or, where no
     whole number of micro-batches gives it, the resume is refused with what would."""
     t, then = cfg.train, state.get("world_size", 1)
-    before = t.batch_size * t.gradient_accumulation_steps * then
+    before = effective_batch(t, then)
     now = effective_batch(t, world_size)
     if now == before:
         return cfg

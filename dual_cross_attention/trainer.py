@@ -21,6 +21,7 @@ from .diagnostics.health import health_warnings
 from .distributed import DistInfo, barrier, init_distributed
 from .engine import EpochStats, StepSettings, TrainingDiverged, evaluate, train_one_epoch
 from .evaluation.metrics import Summary, summarize
+from .inference import available_modes
 from .resume import Progress, keep_effective_batch, restore, resumable_state
 from .run_io import (
     RunLock,
@@ -154,7 +155,7 @@ def _run_epochs(
     """The epochs left to train in this invocation: train, evaluate, record, checkpoint."""
     t = cfg.train
     settings = _step_settings(cfg, parts.amp_dtype, show_progress and dist.is_main)
-    modes = ("sa", "glca", "sa+glca") if cfg.model.glca else ("sa",)
+    modes = available_modes(parts.model)
     num_classes = len(parts.data.classes)
     rule = selection_rule(parts.data.eval_split, t.select_on_test)
     _logger.info("best.pt: %s", SELECTION_TEXT[rule])
