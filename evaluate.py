@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except DcalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     finally:
         cleanup()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all

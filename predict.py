@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except DcalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: no predictions were written", file=sys.stderr)
+        return 130
     print(format_predictions(predictions, skipped + unreadable))
     if args.csv and predictions:
         predictions_frame(predictions).to_csv(args.csv, index=False)

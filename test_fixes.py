@@ -74,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checking {args.config or 'the demo config'} on {device}{' (--quick)' if args.quick else ''}")
     start = time.perf_counter()
     failed = 0
-    for result in run_checks(cfg, demo_cfg, device, quick=args.quick, reduce=reduce):
-        print(format_result(result), flush=True)
-        failed += result.passed is False
+    try:
+        for result in run_checks(cfg, demo_cfg, device, quick=args.quick, reduce=reduce):
+            print(format_result(result), flush=True)
+            failed += result.passed is False
+    except KeyboardInterrupt:
+        print("interrupted: the checks above ran, the rest did not", file=sys.stderr)
+        return 130
     verdict = f"{failed} check(s) FAILED" if failed else "all checks passed"
     print(f"{verdict} in {time.perf_counter() - start:.0f} s")
     return 1 if failed else 0

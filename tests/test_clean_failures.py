@@ -66,10 +66,7 @@ def broken_cub(cub_root: Path, tmp_path: Path, how: str) -> Path:
 
 def train_script():
     """train.py as a module, to call its ``main`` in-process."""
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return _script("train")
 
 
 @pytest.mark.parametrize(
@@ -178,3 +175,29 @@ def test_a_lock_from_another_host_counts_as_held(cub_root, tmp_path):
     _lock(tmp_path / "t", os.getpid(), host="another-node")
     with pytest.raises(RunInUseError, match="another-node"):
         run(cub_root, tmp_path, "train.epochs=1")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "argv"),
+    [
+        ("evaluate", "evaluate_checkpoint", ["--checkpoint", "best.pt"]),
+        ("predict", "load_trained", ["--checkpoint", "best.pt", "photo.jpg"]),
+        ("test_fixes", "run_checks", ["--quick"]),
+    ],
+)
+def test_ctrl_c_in_the_other_scripts_exits_130_without_a_traceback(name, target, argv, monkeypatch, capsys):
+    script = _script(name)
+    monkeypatch.setattr(script, target, _interrupt)
+    assert script.main(argv) == 130
+    assert capsys.readouterr().err.startswith("interrupted")
