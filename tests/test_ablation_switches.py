@@ -64,7 +64,7 @@ def test_local_readout_follows_the_selection_and_is_the_mean_of_the_gathered_row
     normed = model.glca_norm(model.glca_block(x))
     logits = []
     for index in TWO_SELECTIONS:
-        features = model._glca(x, index)
+        features = model._glca(x, index)[0]
         torch.testing.assert_close(features, gathered(normed, index).mean(dim=1), atol=1e-5, rtol=1e-5)
         logits.append(model.glca_head(features))
     assert (logits[0] - logits[1]).abs().max() > 1e-3
@@ -75,7 +75,7 @@ def test_cls_readout_ignores_the_selection_and_runs_only_the_prefix_queries(imag
     cls = tiny_model(pwca=False, top_ratio=0.25).eval()
     assert cls.glca_readout == "cls"
     x = glca_input(cls)
-    first, second = (cls._glca(x, index) for index in TWO_SELECTIONS)
+    first, second = (cls._glca(x, index)[0] for index in TWO_SELECTIONS)
     assert torch.equal(first, second)
     torch.testing.assert_close(first, cls.glca_norm(cls.glca_block(x))[:, 0], atol=1e-5, rtol=1e-5)
     local = tiny_model(pwca=False, top_ratio=0.25, glca_readout="local").eval()
@@ -94,7 +94,23 @@ def test_cls_plus_local_readout_is_the_mean_of_the_class_and_local_tokens(backbo
     normed = model.glca_norm(model.glca_block(x))
     cls = normed[:, :P].mean(dim=1)  # (B, C)
     expected = torch.cat([cls[:, None], gathered(normed, index, P)], dim=1).mean(dim=1)
-    torch.testing.assert_close(model._glca(x, index), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model._glca(x, index)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+@torch.no_grad()
+def test_glca_classifies_its_readout_by_the_rule_sa_uses(images, backbone):
+    """GLCA starts as a copy of block L, its norm and its head(s), and with the class readout over
+    all keys its prefix rows are block L's: so before training its logits are SA's. For a distilled
+    DeiT that holds only if GLCA, like SA, averages head(class token) and head_dist(distillation
+    token) rather than applying one head to the mean of the two."""
+    model = tiny_model(backbone=backbone, pwca=False).eval()
+    if model.glca_head_dist is not None:  # make the two classifiers clearly different
+        torch.nn.init.normal_(model.backbone.head_dist.weight, std=1.0)
+        model.glca_head_dist.load_state_dict(model.backbone.head_dist.state_dict())
+    out = model(images)
+    torch.testing.assert_close(out.glca_logits, out.sa_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.glca_features, out.sa_features, atol=1e-5, rtol=1e-5)
 
 
 # glca_select
@@ -149,10 +165,10 @@ def test_local_kv_attends_over_the_prefix_and_selected_tokens_only(readout):
     tokens = torch.cat([x[:, :1], gathered(x, index)], dim=1)  # (B, 1 + k, C) the only keys/values
     normed = model.glca_norm(hand_block(model.glca_block, tokens, tokens))
     expected = {"cls": normed[:, 0], "local": normed[:, 1:].mean(dim=1), "cls+local": normed.mean(dim=1)}
-    torch.testing.assert_close(model._glca(x, index), expected[readout], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model._glca(x, index)[0], expected[readout], atol=1e-5, rtol=1e-5)
     global_kv = tiny_model(glca_readout=readout, pwca=False, top_ratio=0.25).eval()
     global_kv.load_state_dict(model.state_dict())
-    assert (global_kv._glca(x, index) - expected[readout]).abs().max() > 1e-3
+    assert (global_kv._glca(x, index)[0] - expected[readout]).abs().max() > 1e-3
 
 
 # pwca_blocks

@@ -184,7 +184,12 @@ def pooled_features(model: VisionTransformer, tokens: torch.Tensor) -> torch.Ten
     return model.forward_head(tokens, pre_logits=True)
 
 
-def head_outputs(model: VisionTransformer, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def head_outputs(
+    model: VisionTransformer,
+    tokens: torch.Tensor,
+    head: nn.Module | None = None,
+    head_dist: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-logits features and logits from one pass through the head, so head dropout draws one
     mask for both.
 
@@ -194,17 +199,21 @@ def head_outputs(model: VisionTransformer, tokens: torch.Tensor) -> tuple[torch.
     tokens, as its ``forward_head`` does.
 
     Args:
-        tokens: (B, N, C) output of the final norm.
+        tokens: (B, N, C) output of the final norm (or P prefix tokens holding a readout).
+        head, head_dist: the classifiers to apply, by default the backbone's own; GLCA passes
+            its copies so that its readout is classified by exactly SA's rule.
 
     Returns:
         features (B, C) and logits (B, K), those of ``forward_head(tokens, pre_logits=True)`` and
         ``forward_head(tokens)``.
     """
+    head = model.head if head is None else head
     if isinstance(model, VisionTransformerDistilled):
+        head_dist = model.head_dist if head_dist is None else head_dist
         cls, dist = model.head_drop(tokens[:, 0]), model.head_drop(tokens[:, 1])  # (B, C) each
-        return (cls + dist) / 2, (model.head(cls) + model.head_dist(dist)) / 2
+        return (cls + dist) / 2, (head(cls) + head_dist(dist)) / 2
     features = pooled_features(model, tokens)
-    return features, model.head(features)
+    return features, head(features)
 
 
 @torch.no_grad()

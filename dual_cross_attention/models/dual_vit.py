@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UsageError
-from .backbone import create_backbone, embed, head_outputs, pooled_features
+from .backbone import create_backbone, embed, head_outputs
 from .blocks import glca_block, pwca_block, queries_keys, sa_block, sa_block_with_map
 from .pairs import pwca_pairs
 from .rollout import (
@@ -147,6 +147,9 @@ class DualViT(nn.Module):
             self.glca_block = copy.deepcopy(self.backbone.blocks[-1])
             self.glca_norm = copy.deepcopy(self.backbone.norm)
             self.glca_head = copy.deepcopy(self.backbone.head)
+            # A distilled DeiT classifies the class token with head and the distillation token
+            # with head_dist; GLCA gets a copy of both and reads out by the same rule as SA.
+            self.glca_head_dist = copy.deepcopy(getattr(self.backbone, "head_dist", None))
 
     @property
     def num_local_tokens(self) -> int:
@@ -176,8 +179,7 @@ class DualViT(nn.Module):
             P = self.num_prefix_tokens
             out.rollout = streams.rollout[:, P:]
             out.local_index = self._select_local(out.rollout, streams.last_row)
-            out.glca_features = self._glca(streams.last_input, out.local_index)
-            out.glca_logits = self.glca_head(out.glca_features)
+            out.glca_features, out.glca_logits = self._glca(streams.last_input, out.local_index)
         return out
 
     @property
@@ -256,16 +258,18 @@ class DualViT(nn.Module):
             return select_local_tokens(last_row[:, self.num_prefix_tokens :], k)
         return select_random_tokens(rollout.shape[0], rollout.shape[1], k, rollout.device)
 
-    def _glca(self, x: torch.Tensor, local_index: torch.Tensor) -> torch.Tensor:
+    def _glca(self, x: torch.Tensor, local_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GLCA on block L's input ``x`` (B, N, C) with local patches ``local_index`` (B, k);
-        returns the pooled readout features (B, C)."""
+        returns the pooled readout features (B, C) and GLCA's logits (B, K), classified by the
+        rule SA uses (``head_outputs``: for a distilled DeiT, head on the class position and
+        head_dist on the distillation position, averaged)."""
         queries, context = self._glca_tokens(x, local_index)
         if self.grad_checkpointing and torch.is_grad_enabled():
             tokens = checkpoint(glca_block, self.glca_block, queries, context, use_reentrant=False)
         else:
             tokens = glca_block(self.glca_block, queries, context)
         readout = glca_readout_tokens(self.glca_norm(tokens), self.num_prefix_tokens, self.glca_readout)
-        return pooled_features(self.backbone, readout)
+        return head_outputs(self.backbone, readout, self.glca_head, self.glca_head_dist)
 
     def _glca_tokens(self, x: torch.Tensor, local_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GLCA's query tokens, only those its readout reads (prefix, local, or prefix then local),
