@@ -32,8 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=5, help="classes reported per image (default 5)")
     parser.add_argument("--mode", choices=PREDICT_MODES, default="sa+glca", help="inference mode")
     parser.add_argument(
-        "--tta", choices=TTA_CHOICES, default="none", help="flip: average with the mirror image"
-    )
+        "--tta", choices=TTA_CHOICES, default=None,
+        help="flip: average with the mirror image (default: the checkpoint's eval.tta)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the checkpoint's train.device)")
     parser.add_argument("--csv", help="also write path, class_1, prob_1, ... to this CSV file")

@@ -90,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     if not result.history:  # not rank 0 under torchrun (rank 0 reports), or nothing left to train
         return 0
     last = result.history[-1]
-    print(f"run {result.run_dir}: {result.epochs_done} epochs, best top-1 {result.best_metric:.2f}%")
+    key, name = ("mAP", "mAP") if "eval_mAP_sa" in last else ("top1", "top-1")
+    selected = {"auc": "validation pair AUC", "top1": "rank-1" if key == "mAP" else "top-1", "mAP": "mAP"}
+    best = selected.get(cfg.train.select_metric, name)
+    value = f"{result.best_metric:.4f}" if cfg.train.select_metric == "auc" else f"{result.best_metric:.2f}%"
+    print(f"run {result.run_dir}: {result.epochs_done} epochs, best {best} {value}")
     print(
-        f"last epoch: top-1 sa {last['eval_top1_sa']:.2f}%, glca {last['eval_top1_glca']:.2f}%, "
-        f"sa+glca {last['eval_top1_sa_glca']:.2f}%"
+        f"last epoch: {name} sa {last[f'eval_{key}_sa']:.2f}%, glca {last[f'eval_{key}_glca']:.2f}%, "
+        f"sa+glca {last[f'eval_{key}_sa_glca']:.2f}%"
     )
     return 0
 

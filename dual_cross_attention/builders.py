@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .config import Config, DataConfig, TrainConfig
+from .checkpoint import CheckpointError
+from .config import Config, DataConfig, TrainConfig, image_hw
 from .data import DataError, ImageDataset, build_dataset, build_splits
+from .data.pk_sampler import PKBatchSampler
+from .data.reid import ReIDSplits, build_reid_datasets, load_reid_splits
+from .data.reid_transforms import build_reid_eval_transform, build_reid_train_transform
+from .data.reid_val import carve_reid_validation
+from .data.synthetic_reid import ReIDDemoSpec, generate_reid_demo
 from .data.transforms import ImagePipeline, build_eval_transform, build_train_transform
-from .distributed import DistInfo, ShardSampler, main_process_first, process_device
+from .distributed import DistInfo, ShardSampler, gather_from_all, main_process_first, process_device
 from .errors import UsageError
-from .losses import DCALLoss, ModelWithLoss
+from .finetune import init_from_checkpoint
+from .losses import DCALLoss, ModelWithLoss, ReIDLoss
 from .models import DualViT
 from .optim import Schedule, parameter_groups, scaled_lr
 from .runtime import grad_scaler, maybe_empty_cache, resolve_device, resolve_precision, seed_everything
@@ -33,9 +40,11 @@ _logger = logging.getLogger(__name__)
 @dataclass
 class DataBundle:
     train: Dataset
-    eval: Dataset
+    eval: Dataset  # FGVC: the model-selection split; Re-ID: the query set
     eval_split: str  # "val" when a validation split exists, else "test"
-    classes: list[str]
+    classes: list[str]  # Re-ID: the training identities (original ids), in label order
+    gallery: Dataset | None = None  # Re-ID: the gallery the queries are ranked against
+    reid: ReIDSplits | None = None  # Re-ID: the records, cameras and dataset version
 
 
 def build_model(cfg: Config, num_classes: int) -> DualViT:
@@ -43,7 +52,7 @@ def build_model(cfg: Config, num_classes: int) -> DualViT:
     return DualViT(
         backbone=m.backbone,
         num_classes=num_classes,
-        img_size=cfg.data.img_size,
+        img_size=image_hw(cfg.data.img_size),
         pretrained=m.pretrained,
         pretrained_path=m.pretrained_path,
         top_ratio=m.top_ratio,
@@ -56,13 +65,20 @@ def build_model(cfg: Config, num_classes: int) -> DualViT:
         drop_path_rate=m.drop_path_rate,
         grad_checkpointing=m.grad_checkpointing,
         backbone_kwargs=dict(m.backbone_kwargs),
+        bnneck=cfg.task == "reid" and cfg.reid.bnneck,
     )
 
 
 def build_loss(cfg: Config) -> DCALLoss:
     branches = ("sa",) + (("glca",) if cfg.model.glca else ()) + (("pwca",) if cfg.model.pwca else ())
-    return DCALLoss(
+    if cfg.task == "reid":
+        extra: dict[str, Any] = dict(margin=cfg.reid.triplet_margin, soft_margin=cfg.reid.soft_margin)
+        loss_class: type[DCALLoss] = ReIDLoss
+    else:
+        extra, loss_class = {}, DCALLoss
+    return loss_class(
         branches,
+        **extra,
         weighting=cfg.loss.weighting,
         init_std=cfg.loss.init_std,
         clamp=cfg.loss.clamp,
@@ -101,8 +117,50 @@ def build_eval_pipeline(cfg: Config) -> ImagePipeline:
     return build_eval_transform(cfg.data.img_size, cfg.data.resize_size, mean, std)
 
 
+def build_reid_data(cfg: Config, split: str = "selection") -> DataBundle:
+    """Train, query and gallery of a Re-ID dataset with their transforms; the built-in demo is
+    generated (Market-1501 layout) on first use.
+
+    Args:
+        split: ``selection``: with ``data.val_fraction`` > 0 the query/gallery are the validation
+            identities held out of train (``reid_val``), else the test ones; ``test``: always the
+            dataset's test query and gallery (train is still carved, so its classes are the run's).
+    """
+    d, r = cfg.data, cfg.reid
+    mean, std = normalization(cfg)
+    layout, options = d.dataset, {}
+    if d.dataset == "synthetic-reid":
+        generate_reid_demo(Path(d.root), ReIDDemoSpec())
+        layout = "market1501"
+    elif d.dataset == "msmt17":
+        options["include_val"] = r.include_val
+    elif d.dataset == "reid_folder":
+        options["camera_regex"] = r.camera_regex
+    splits = load_reid_splits(layout, d.root, **options)
+    eval_split = "test"
+    if d.val_fraction > 0:
+        val = carve_reid_validation(splits.train, d.val_fraction, d.val_seed)
+        splits = replace(splits, train=val.train, num_train_ids=len({rec.pid for rec in val.train}))
+        if split == "selection":
+            splits, eval_split = replace(splits, query=val.query, gallery=val.gallery), "val"
+    size = image_hw(d.img_size)
+    train_transform = build_reid_train_transform(
+        size, mean, std, hflip=d.hflip, pad=r.pad, erasing_p=r.erasing
+    )
+    datasets = build_reid_datasets(
+        splits, train_transform, build_reid_eval_transform(size, mean, std), d.skip_corrupt
+    )
+    classes = [str(pid) for pid in sorted({rec.pid for rec in splits.train})]
+    return DataBundle(
+        train=datasets.train, eval=datasets.query, eval_split=eval_split, classes=classes,
+        gallery=datasets.gallery, reid=splits,
+    )  # fmt: skip
+
+
 def build_datasets(cfg: Config) -> DataBundle:
     """Train and model-selection datasets with their transforms (val when there is one, else test)."""
+    if cfg.task == "reid":
+        return build_reid_data(cfg)
     d = cfg.data
     mean, std = normalization(cfg)
     splits = build_splits(
@@ -136,12 +194,19 @@ def build_loaders(
     process, without the padding DistributedSampler would add.
     """
     batch = cfg.train.batch_size
+    common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    if data.reid is not None:  # P identities x K images per process and step
+        sampler = PKBatchSampler(
+            data.train.pids, cfg.reid.identities_per_batch, cfg.reid.images_per_identity, seed,
+            rank=dist.rank, world_size=dist.world_size,
+        )  # fmt: skip
+        train = DataLoader(data.train, batch_sampler=sampler, **common)
+        return train, build_eval_loader(cfg, data.eval, device, dist)
     if len(data.train) < batch * dist.world_size:
         raise DataError(
             f"the training split has {len(data.train)} images, fewer than train.batch_size={batch} x "
             f"{dist.world_size} processes"
         )
-    common = dict(num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     if dist.enabled:
         sampler = DistributedSampler(
             data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed, drop_last=True
@@ -170,7 +235,9 @@ def build_eval_loader(cfg: Config, dataset: Dataset, device: torch.device, dist:
 
 def start_epoch(loader: DataLoader, epoch: int, epoch_seed: int) -> None:
     """Make the epoch's shuffle (and worker seeds) a function of the epoch alone."""
-    if isinstance(loader.sampler, DistributedSampler):
+    if isinstance(loader.batch_sampler, PKBatchSampler):
+        loader.batch_sampler.set_epoch(epoch)
+    elif isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     else:
         loader.generator.manual_seed(epoch_seed)
@@ -215,10 +282,18 @@ class TrainingParts:
     criterion: DCALLoss
     step_module: torch.nn.Module  # ModelWithLoss, wrapped in DDP under torchrun
     train_loader: DataLoader
-    eval_loader: DataLoader
+    eval_loader: DataLoader  # Re-ID: the query images
     schedule: Schedule
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    gallery_loader: DataLoader | None = None  # Re-ID: the gallery images
+
+
+def build_optimizer(train: TrainConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """AdamW (FGVC, the paper) or SGD with momentum (the paper's Re-ID recipe)."""
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=train.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def build_training(
@@ -229,6 +304,8 @@ def build_training(
     Args:
         resume_from: a checkpoint state and its path: the model and loss weights are loaded
             from it before DDP wraps them (DDP broadcasts rank 0's weights at construction).
+            Without one, ``model.init_from`` names a checkpoint whose model weights start the run
+            (``finetune``); with one, the resumed checkpoint's weights do.
     """
     t = cfg.train
     device = process_device(resolve_device(t.device), dist)
@@ -236,10 +313,22 @@ def build_training(
     seed_everything(t.seed)
     with main_process_first(dist):  # rank 0 generates the demo set before the others read it
         data = build_datasets(cfg)
-    model = build_model(cfg, len(data.classes)).to(device)
+    init_from, arch = (cfg.model.init_from if resume_from is None else None), cfg
+    if init_from is not None:  # every weight comes from that checkpoint: no pretrained download
+        arch = replace(cfg, model=replace(cfg.model, pretrained=False, pretrained_path=None))
+    model = build_model(arch, len(data.classes)).to(device)
     criterion = build_loss(cfg).to(device)
     if resume_from is not None:
         load_weights(resume_from[0], resume_from[1], model, criterion, data.classes)
+    elif init_from is not None:
+        # Every process loads it (all fail alike on a misfit); one that cannot read the file would
+        # leave the others waiting in DDP, so that is checked on all of them first.
+        unreadable = [rank for rank, ok in enumerate(gather_from_all(Path(init_from).is_file())) if not ok]
+        if unreadable:
+            raise CheckpointError(
+                f"model.init_from: no checkpoint at {init_from} for process(es) {unreadable}"
+            )
+        _logger.info("%s", init_from_checkpoint(model, init_from, data.classes, cfg.to_dict()).summary())
     maybe_empty_cache(device)
     train_loader, eval_loader = build_loaders(cfg, data, device, t.seed, dist)
     schedule, described = build_schedule(t, len(train_loader), dist.world_size)
@@ -262,8 +351,9 @@ def build_training(
         step_module=step_module,
         train_loader=train_loader,
         eval_loader=eval_loader,
+        gallery_loader=None if data.gallery is None else build_eval_loader(cfg, data.gallery, device, dist),
         schedule=schedule,
-        optimizer=torch.optim.AdamW(groups, lr=schedule.peak_lr),
+        optimizer=build_optimizer(t, groups, schedule.peak_lr),
         scaler=grad_scaler(device, amp_dtype),
     )
 

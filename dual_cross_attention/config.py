@@ -25,10 +25,12 @@ class ConfigError(UsageError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # cub | cars | aircraft | folder | synthetic
+    dataset: str = (
+        "synthetic"  # FGVC: cub | cars | aircraft | folder | synthetic[-hard]; Re-ID: REID_DATASETS
+    )
     root: str = "data/demo"
-    resize_size: int = 550
-    img_size: int = 448
+    resize_size: int = 550  # FGVC: resize before the crop; Re-ID resizes straight to img_size
+    img_size: int | list = 448  # side of the square input; Re-ID: [height, width] (e.g. [256, 128])
     num_workers: int = 2
     val_fraction: float = 0.0  # carve a stratified validation split out of train (0: none)
     val_seed: int = 0  # seed of that split, apart from train.seed so the split stays put across runs
@@ -56,6 +58,7 @@ class ModelConfig:
     pwca_blocks: int | str = "all"  # all | T in [0, depth]: PWCA in the last T blocks only
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
+    init_from: str | None = None  # start from a DCAL checkpoint's weights (no resume; new classes: new heads)
 
 
 @dataclass
@@ -70,6 +73,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     clip_grad: float | None = 1.0  # max global grad norm; null disables clipping
     label_smoothing: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (sgd: the paper's Re-ID optimiser)
+    momentum: float = 0.9  # sgd momentum
     precision: str = "auto"  # auto (bf16 on CUDA that supports it, else fp32) | bf16 | fp16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -78,6 +83,57 @@ class TrainConfig:
     checkpoint_every: int = 0  # also keep checkpoints/epoch_<N>.pt every N epochs; 0: only last/best
     keep_checkpoints: int | None = None  # keep only the newest K epoch_<N>.pt; null: all
     select_on_test: bool = False  # without a val split, pick best.pt on test top-1 (else: the last epoch)
+    select_metric: str = "auto"  # best.pt by: auto (FGVC top1, Re-ID mAP) | top1 (Re-ID: rank-1) | mAP | auc
+
+
+@dataclass
+class ReIDConfig:
+    """Object re-identification (``data.dataset`` one of ``REID_DATASETS``)."""
+
+    identities_per_batch: int = 16  # P of a PK batch; train.batch_size must be P x K per process
+    images_per_identity: int = 4  # K (identities with fewer images are drawn with replacement)
+    triplet_margin: float = 0.3  # batch-hard triplet margin
+    soft_margin: bool = False  # softplus triplet instead of the margin
+    bnneck: bool = True  # batch norm between feature and classifier (triplet before, CE after it)
+    distance: str = "cosine"  # cosine | euclidean, for ranking
+    rerank: bool = False  # k-reciprocal re-ranking when evaluating
+    include_val: bool = True  # msmt17: train on list_train + list_val, as is customary
+    camera_regex: str | None = None  # reid_folder: a regex whose one group is the camera id
+    pad: int = 10  # train: pad by this many px, then random-crop back to img_size
+    erasing: float = 0.5  # train: probability of random erasing
+
+
+@dataclass
+class VerificationConfig:
+    """Pair verification on the Re-ID embedding (``verification/``): how a run draws its pairs."""
+
+    pairs_seed: int = 0  # seeds the drawing of the run's validation and test pairs
+    max_positives_per_identity: int | None = 10  # same-identity pairs drawn per identity; null: all
+    num_negatives: int | None = None  # different-identity pairs per list; null: as many as positives
+    hard_negatives: str | None = None  # CSV identity_a,identity_b of look-alikes: negatives only from them
+    far_targets: list = field(default_factory=lambda: [1e-1, 1e-2, 1e-3])  # FARs that TAR is reported at
+
+
+def _check_verification(cfg: Config) -> None:
+    v = cfg.verification
+    for key in ("max_positives_per_identity", "num_negatives"):
+        value = getattr(v, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"verification.{key} must be >= 1 or null, got {value}")
+    # YAML reads 1e-3 (no dot) as a string: accept any number written as one.
+    targets = [_coerce(f, float, "verification.far_targets") for f in v.far_targets]
+    if not targets or not all(0 < f < 1 for f in targets):
+        raise ConfigError(f"verification.far_targets must be FARs in (0, 1), got {v.far_targets!r}")
+    v.far_targets = targets
+    metric = cfg.train.select_metric
+    if metric == "mAP" and cfg.task != "reid":
+        raise ConfigError("train.select_metric: mAP is a Re-ID metric; FGVC runs select on top1 (or auto)")
+    if metric == "auc" and (cfg.task != "reid" or cfg.data.val_fraction == 0):
+        raise ConfigError(
+            "train.select_metric: auc is the AUC of validation pairs drawn from validation identities: it "
+            "needs a Re-ID dataset and data.val_fraction > 0 (whole identities held out of train); got "
+            f"data.dataset={cfg.data.dataset}, data.val_fraction={cfg.data.val_fraction}"
+        )
 
 
 @dataclass
@@ -109,6 +165,13 @@ class LRFindConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How a run is evaluated, in training and by evaluate.py / predict.py (``--tta`` overrides)."""
+
+    tta: str = "none"  # none | flip: average the image and its mirror (FGVC probabilities, Re-ID features)
+
+
+@dataclass
 class AblationConfig:
     name: str | None = None  # ablate.py: runs/<name>/ (default: the config file's stem)
     variants: dict = field(default_factory=dict)  # extra variants: {name: {dotted.key: value}}
@@ -123,6 +186,14 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     lr_find: LRFindConfig = field(default_factory=LRFindConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    reid: ReIDConfig = field(default_factory=ReIDConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def task(self) -> str:
+        """``reid`` for the Re-ID datasets, else ``fgvc``: decided by the dataset alone."""
+        return "reid" if self.data.dataset in REID_DATASETS else "fgvc"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,8 +202,13 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+FGVC_DATASETS = ("cub", "cars", "aircraft", "folder", "synthetic", "synthetic-hard")
+REID_DATASETS = ("market1501", "dukemtmc", "msmt17", "veri776", "reid_folder", "synthetic-reid")
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("data", "dataset"): ("cub", "cars", "aircraft", "folder", "synthetic", "synthetic-hard"),
+    ("data", "dataset"): FGVC_DATASETS + REID_DATASETS,
+    ("reid", "distance"): ("cosine", "euclidean"),
+    ("train", "optimizer"): ("adamw", "sgd"),
+    ("train", "select_metric"): ("auto", "top1", "mAP", "auc"),
     ("data", "level"): ("variant", "family", "manufacturer"),
     ("model", "glca_readout"): ("cls", "local", "cls+local"),
     ("model", "glca_select"): ("rollout", "last", "random"),
@@ -140,10 +216,12 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "lr_scaling"): ("sqrt", "linear", "none"),
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
     ("loss", "weighting"): ("uncertainty", "fixed"),
+    ("eval", "tta"): ("none", "flip"),
 }
 POSITIVE = {
     ("data", "resize_size"),
-    ("data", "img_size"),
+    ("reid", "identities_per_batch"),
+    ("reid", "images_per_identity"),
     ("train", "epochs"),
     ("train", "batch_size"),
     ("train", "gradient_accumulation_steps"),
@@ -162,6 +240,9 @@ NON_NEGATIVE = {
     ("train", "empty_cache_every"),
     ("train", "checkpoint_every"),
     ("loss", "init_std"),
+    ("reid", "triplet_margin"),
+    ("reid", "pad"),
+    ("train", "momentum"),
 }
 
 
@@ -229,7 +310,15 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"model.pwca_blocks must be 'all' or an integer >= 0 (at most the depth), got {blocks!r}"
         )
-    if cfg.data.resize_size < cfg.data.img_size:
+    _check_verification(cfg)
+    if cfg.task == "reid":
+        _check_reid(cfg)
+    elif not isinstance(cfg.data.img_size, int) or cfg.data.img_size <= 0:
+        raise ConfigError(
+            f"data.img_size must be a positive integer (the side of the square crop) for {cfg.data.dataset}, "
+            f"got {cfg.data.img_size!r}; [height, width] is for the Re-ID datasets {list(REID_DATASETS)}"
+        )
+    elif cfg.data.resize_size < cfg.data.img_size:
         raise ConfigError(
             f"data.resize_size ({cfg.data.resize_size}) must be >= data.img_size ({cfg.data.img_size}): "
             "images are resized, then cropped to img_size"
@@ -263,7 +352,39 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.keep_checkpoints must be >= 1 or null, got {cfg.train.keep_checkpoints}")
     if cfg.run.stop_after_epochs is not None and cfg.run.stop_after_epochs <= 0:
         raise ConfigError(f"run.stop_after_epochs must be > 0 or null, got {cfg.run.stop_after_epochs}")
+    if cfg.model.init_from is not None and not cfg.model.init_from.strip():
+        raise ConfigError("model.init_from must be a checkpoint path or null, got an empty string")
     return cfg
+
+
+def image_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
+    """``data.img_size`` as (height, width): an int is a square."""
+    if isinstance(img_size, int):
+        return img_size, img_size
+    return int(img_size[0]), int(img_size[1])
+
+
+def _check_reid(cfg: Config) -> None:
+    size = cfg.data.img_size
+    square = isinstance(size, int) and not isinstance(size, bool)
+    pair = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+    if not (square and size > 0) and not pair:
+        raise ConfigError(f"data.img_size must be [height, width] (e.g. [256, 128]) or one int, got {size!r}")
+    r = cfg.reid
+    if cfg.train.batch_size != r.identities_per_batch * r.images_per_identity:
+        raise ConfigError(
+            f"Re-ID batches are P identities x K images: train.batch_size ({cfg.train.batch_size}) must "
+            f"equal reid.identities_per_batch x reid.images_per_identity = {r.identities_per_batch} x "
+            f"{r.images_per_identity} = {r.identities_per_batch * r.images_per_identity} (per process)"
+        )
+    if r.identities_per_batch < 2 or r.images_per_identity < 2:
+        raise ConfigError(
+            "batch-hard triplet mining needs positives and negatives in every batch: "
+            "reid.identities_per_batch and reid.images_per_identity must be >= 2, got "
+            f"{r.identities_per_batch} and {r.images_per_identity}"
+        )
+    if not 0.0 <= r.erasing <= 1.0:
+        raise ConfigError(f"reid.erasing is a probability in [0, 1], got {r.erasing}")
 
 
 def set_value(cfg: Config, dotted: str, value: Any, source: str) -> None:

@@ -1,12 +1,13 @@
 """Class probabilities of a DCAL model in inference mode, per mode, with optional flip TTA.
 
 The one place that turns a model's outputs into the probabilities that evaluation, training-time
-evaluation and prediction rank.
+evaluation and prediction rank; ``flip_averaged`` is the test-time flip that these and the Re-ID
+embeddings (``evaluation.reid``) share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,6 +31,37 @@ def check_mode(mode: str, available: Sequence[str]) -> None:
 
 
 @torch.no_grad()
+def flip_averaged(
+    model: DualViT,
+    images: torch.Tensor,
+    extract: Callable[[DualViTOutput], dict[str, torch.Tensor]],
+    tta: str = "none",
+    amp_dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], DualViTOutput]:
+    """The test-time augmentation every inference path shares (evaluation, training-time
+    evaluation, prediction; FGVC and Re-ID): ``extract`` turns one forward's output into named
+    (B, ...) tensors, which with ``tta='flip'`` are averaged over the images and their horizontal
+    mirrors. Returns them and the model output for the images as given (rollout, selected patches).
+
+    Args:
+        images: (B, 3, H, W) normalised images.
+        extract: e.g. the probabilities of each mode (``class_probabilities``) or each branch's
+            retrieval feature (``evaluation.reid.image_embeddings``).
+    """
+    if tta not in TTA_CHOICES:
+        raise UsageError(f"tta must be one of {TTA_CHOICES}, got '{tta}'")
+    if model.training:
+        raise ValueError("inference needs the model in eval mode (model.eval()): PWCA and dropout")
+    views = [images] if tta == "none" else [images, images.flip(-1)]  # (B, 3, H, W): flip the width
+    outputs, extracted = [], []
+    for view in views:
+        with autocast(images.device, amp_dtype):
+            outputs.append(model(view))
+        extracted.append(extract(outputs[-1]))
+    averaged = {key: torch.stack([e[key] for e in extracted]).mean(dim=0) for key in extracted[0]}
+    return averaged, outputs[0]
+
+
 def class_probabilities(
     model: DualViT,
     images: torch.Tensor,
@@ -41,19 +73,13 @@ def class_probabilities(
 
     ``sa+glca`` is the paper's rule, softmax(SA) + softmax(GLCA) (values sum to 2). With
     ``tta='flip'`` each mode's probabilities are averaged over the image and its horizontal
-    mirror. The returned output (rollout, selected patches) is that of the unflipped images.
+    mirror (``flip_averaged``).
     """
-    if tta not in TTA_CHOICES:
-        raise UsageError(f"tta must be one of {TTA_CHOICES}, got '{tta}'")
-    if model.training:
-        raise ValueError("class_probabilities needs the model in eval mode (model.eval()): PWCA and dropout")
-    views = [images] if tta == "none" else [images, images.flip(-1)]  # (B, 3, H, W): flip the width
-    outputs = []
-    for view in views:
-        with autocast(images.device, amp_dtype):
-            outputs.append(model(view))
-    probs = {m: torch.stack([combine_probabilities(o, m) for o in outputs]).mean(dim=0) for m in modes}
-    return probs, outputs[0]
+
+    def probabilities(out: DualViTOutput) -> dict[str, torch.Tensor]:
+        return {m: combine_probabilities(out, m) for m in modes}
+
+    return flip_averaged(model, images, probabilities, tta, amp_dtype)
 
 
 def as_distribution(probs: torch.Tensor, mode: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.dual_vit import DualViTOutput
+from .retrieval.triplet import global_batch_hard_triplet_loss
 
 BRANCHES = ("sa", "glca", "pwca")
 
@@ -73,10 +74,16 @@ class DCALLoss(nn.Module):
             )
         return logits
 
+    def branch_loss(
+        self, out: DualViTOutput, name: str, logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The unweighted loss of one branch: cross-entropy."""
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
     def forward(self, out: DualViTOutput, labels: torch.Tensor) -> LossResult:
         per_branch, correct = {}, {}
         for name, logits in self.branch_logits(out).items():
-            per_branch[name] = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            per_branch[name] = self.branch_loss(out, name, logits, labels)
             correct[name] = (logits.argmax(dim=-1) == labels).sum()
         losses = torch.stack([per_branch[b] for b in self.branches])
         if self.weighting == "uncertainty":
@@ -96,6 +103,28 @@ class DCALLoss(nn.Module):
         """w_k for uncertainty weighting (what the paper's figures plot), else the fixed weights."""
         values = self.log_vars if self.weighting == "uncertainty" else self.fixed
         return {b: float(v) for b, v in zip(self.branches, values, strict=True)}
+
+
+class ReIDLoss(DCALLoss):
+    """Re-ID's loss per branch: cross-entropy on the logits plus batch-hard triplet on the branch's
+    pre-BNNeck feature, mined over the global batch under torchrun (so the loss does not depend on
+    how many processes share the batch); branches combined by the same weighting as FGVC."""
+
+    def __init__(
+        self, branches: tuple[str, ...], margin: float = 0.3, soft_margin: bool = False, **kwargs
+    ) -> None:
+        super().__init__(branches, **kwargs)
+        self.margin = margin
+        self.soft_margin = soft_margin
+
+    def branch_loss(
+        self, out: DualViTOutput, name: str, logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        features = getattr(out, f"{name}_features")
+        triplet = global_batch_hard_triplet_loss(
+            features.float(), labels, margin=self.margin, soft_margin=self.soft_margin
+        )
+        return super().branch_loss(out, name, logits, labels) + triplet
 
 
 class ModelWithLoss(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,11 @@ class TrainedModel:
     device: torch.device
     amp_dtype: torch.dtype
     checkpoint: Path
+    verification: dict[str, Any] = field(default_factory=dict)  # the checkpoint's, e.g. thresholds
+    overrides: tuple[str, ...] = ()  # the --set overrides applied to the checkpoint's config
+    # What the checkpoint says about its training: eval_split, epoch, selected (whether the epoch
+    # is the one best.pt's rule chose) and the run's provenance record (absent in older ones).
+    origin: dict[str, Any] = field(default_factory=dict)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -109,6 +114,9 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Train
         device=device,
         amp_dtype=inference_precision(cfg.train.precision, device),
         checkpoint=path,
+        verification=dict(state.get("verification", {})),
+        overrides=tuple(overrides),
+        origin={key: state.get(key) for key in ("eval_split", "epoch", "selected", "provenance")},
     )
 
 
@@ -184,7 +192,7 @@ def predict_files(
     mode: str = "sa+glca",
     top_k: int = 5,
     batch_size: int = 32,
-    tta: str = "none",
+    tta: str | None = None,
 ) -> tuple[list[Prediction], list[Skipped]]:
     """Top-k classes of each readable image in ``paths``; unreadable files are skipped and returned.
 
@@ -194,7 +202,7 @@ def predict_files(
         mode: ``sa``, ``glca`` or ``sa+glca``.
         top_k: classes reported per image; capped at the number of classes (with a warning).
         batch_size: images per forward pass.
-        tta: ``none`` or ``flip`` (see ``class_probabilities``).
+        tta: ``none`` or ``flip`` (see ``class_probabilities``); None: the checkpoint's ``eval.tta``.
     """
     check_mode(mode, trained.modes)
     if top_k < 1 or batch_size < 1:
@@ -203,6 +211,7 @@ def predict_files(
         _logger.warning("top-k %d > %d classes: reporting all classes", top_k, len(trained.classes))
         top_k = len(trained.classes)
     transform = build_eval_pipeline(trained.config)
+    tta = trained.config.eval.tta if tta is None else tta
     predictions: list[Prediction] = []
     skipped: list[Skipped] = []
     for chunk in _batches(paths, batch_size):

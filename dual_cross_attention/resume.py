@@ -24,7 +24,9 @@ _logger = logging.getLogger(__name__)
 
 NOT_THE_EXPERIMENT = ("run.", "lr_find.", "ablation.")  # sections about how a run is driven
 # Keys a resumed run may change; any other difference would make the resumed run a different
-# experiment than the one in the checkpoint.
+# experiment than the one in the checkpoint. Deliberately absent: ``eval.tta`` (it changes the
+# metric best.pt is selected on, so epochs before and after would not compare) and
+# ``model.init_from`` (the weights the run started from; see ``check_init_from``).
 RESUME_MAY_CHANGE = {
     "train.epochs",
     "train.empty_cache_every",
@@ -80,6 +82,26 @@ def check_resume_compatible(cfg: Config, saved: dict[str, Any], path: Path) -> N
         )
 
 
+def check_init_from(cfg: Config, saved: dict[str, Any], path: Path) -> None:
+    """Refuse ``model.init_from`` on a resume that did not start from it: the resumed checkpoint's
+    weights would silently win over the ones asked for. Resuming a run that was itself started
+    from ``init_from`` (the same value) is fine: those weights are in the checkpoint already."""
+    wanted = cfg.model.init_from
+    then = saved.get("model", {}).get("init_from")
+    if wanted is None or wanted == then:
+        if wanted is not None:
+            _logger.info(
+                "model.init_from %s was applied when this run started; continuing from %s", wanted, path
+            )
+        return
+    raise UsageError(
+        f"both --resume ({path}) and model.init_from ({wanted}) apply: a resumed run continues from its "
+        f"checkpoint's weights (which started from {then or 'no init_from'}), so model.init_from would be "
+        "ignored. Drop --resume and start a new run (--set run.name=<new name>) to fine-tune from "
+        f"{wanted}, or continue {path} with model.init_from as it started: {then or 'null'}."
+    )
+
+
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
     """``auto``: last.pt of this run if it exists (else start fresh); a path: that file."""
     last = checkpoint_dir / "last.pt"
@@ -127,6 +149,7 @@ def resumable_state(
             "copy of the checkpoint at that path on every node"
         )
     state = load_checkpoint(decision)
+    check_init_from(cfg, state["config"], decision)
     check_resume_compatible(cfg, state["config"], decision)
     return state, decision
 

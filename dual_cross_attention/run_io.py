@@ -23,6 +23,7 @@ from .distributed import DistInfo
 from .engine import EpochStats
 from .errors import DcalError, SetupError
 from .evaluation.metrics import Summary, column_name
+from .evaluation.reid import ReIDSummary
 from .visualize import plot_metrics
 
 _logger = logging.getLogger(__name__)
@@ -65,10 +66,13 @@ def read_history(csv: Path, upto_epoch: int) -> list[dict[str, Any]]:
     return frame[frame["epoch"] <= upto_epoch].to_dict("records")
 
 
+REID_COLUMNS = ("mAP", "rank1", "rank5", "mINP")  # per mode, in a Re-ID run's metrics.csv
+
+
 def metrics_row(
     epoch: int,
     stats: EpochStats,
-    evaluation: Summary,
+    evaluation: Summary | ReIDSummary,
     weights: dict[str, float],
     peak_mb: tuple[float, float],
 ) -> dict[str, Any]:
@@ -82,8 +86,11 @@ def metrics_row(
         row[f"train_loss_{b}"] = stats.branch_loss.get(b, math.nan)
         row[f"train_acc_{b}"] = stats.branch_acc.get(b, math.nan)
         row[f"weight_{b}"] = weights.get(b, math.nan)
+    reid = isinstance(evaluation, ReIDSummary)
     for mode in EVAL_MODES:
-        row[f"eval_top1_{column_name(mode)}"] = evaluation.metrics.get(mode, {}).get("top1", math.nan)
+        values = evaluation.metrics.get(mode, {})
+        for key in REID_COLUMNS if reid else ("top1",):
+            row[f"eval_{key}_{column_name(mode)}"] = values.get(key, math.nan)
     row.update(
         eval_images=evaluation.num_images,
         skipped_steps=stats.skipped_steps,
@@ -147,11 +154,13 @@ class RunRecorder:
 def _log_epoch(row: dict[str, Any], eval_split: str) -> None:
     by_branch = "/".join(f"{row[f'train_acc_{b}']:.1f}" for b in BRANCHES)
     weights = "/".join(f"{row[f'weight_{b}']:.3f}" for b in BRANCHES)
-    top1 = "/".join(f"{row[f'eval_top1_{column_name(m)}']:.2f}" for m in EVAL_MODES)
+    key = "mAP" if "eval_mAP_sa" in row else "top1"
+    scores = "/".join(f"{row[f'eval_{key}_{column_name(m)}']:.2f}" for m in EVAL_MODES)
     _logger.info(
-        "epoch %d: loss %.4f | train acc sa/glca/pwca %s | %s top-1 sa/glca/sa+glca %s | weights %s | "
+        "epoch %d: loss %.4f | train acc sa/glca/pwca %s | %s %s sa/glca/sa+glca %s | weights %s | "
         "lr %.3g | %.0f s | peak %.0f MB allocated, %.0f MB reserved",
-        row["epoch"], row["train_loss"], by_branch, eval_split, top1, weights, row["lr"],
+        row["epoch"], row["train_loss"], by_branch, eval_split, "mAP" if key == "mAP" else "top-1", scores,
+        weights, row["lr"],
         row["epoch_time_s"], row["peak_mem_mb"], row["peak_reserved_mb"],
     )  # fmt: skip
     if row["skipped_steps"]:

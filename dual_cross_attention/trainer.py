@@ -20,8 +20,19 @@ from .config import Config
 from .diagnostics.health import health_warnings
 from .distributed import DistInfo, barrier, init_distributed
 from .engine import EpochStats, StepSettings, TrainingDiverged, evaluate, train_one_epoch
+from .errors import UsageError
 from .evaluation.metrics import Summary, summarize
+from .evaluation.reid import ReIDSummary, evaluate_reid, reid_protocol
 from .inference import available_modes
+from .provenance import (
+    UNKNOWN,
+    fgvc_protocol,
+    file_sha256,
+    format_provenance,
+    provenance,
+    selection,
+    write_run_provenance,
+)
 from .resume import Progress, keep_effective_batch, restore, resumable_state
 from .run_io import (
     RunLock,
@@ -32,6 +43,8 @@ from .run_io import (
     save_checkpoints,
 )
 from .runtime import device_memory_mb, peak_memory_mb, reset_peak_memory, resolve_device, seed_everything
+from .verification.run_pairs import RunPairs, score_validation, training_pairs
+from .verification.scoring import PairEvaluation
 
 _logger = logging.getLogger(__name__)
 
@@ -46,7 +59,14 @@ class RunResult:
 
 
 def _checkpoint(
-    parts: TrainingParts, progress: Progress, epoch: int, cfg: Config, world_size: int
+    parts: TrainingParts,
+    progress: Progress,
+    epoch: int,
+    cfg: Config,
+    world_size: int,
+    verification: dict[str, Any] | None = None,
+    selected: bool = False,
+    record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     modules = {"model": parts.model, "loss": parts.criterion, "optimizer": parts.optimizer}
     state = {key: module.state_dict() for key, module in modules.items()}
@@ -63,7 +83,11 @@ def _checkpoint(
         eval_split=parts.data.eval_split,
         rng=rng_states(),
         world_size=world_size,
+        selected=selected,  # this epoch is the one best.pt's rule chose (so far)
+        provenance=record or {},
     )
+    if verification is not None:  # the decision thresholds chosen on the validation pairs, per mode
+        state["verification"] = verification
     return state
 
 
@@ -80,18 +104,68 @@ def _step_settings(cfg: Config, amp_dtype: torch.dtype, show_progress: bool) -> 
     )
 
 
-def selection_metric(summary: Summary) -> float:
-    """Top-1 of the paper's inference rule (sa+glca), or of SA for a model without GLCA."""
-    return summary.metrics[summary.primary_mode]["top1"]
+def selection_metric(
+    summary: Summary | ReIDSummary, select: str = "auto", pairs: PairEvaluation | None = None
+) -> float:
+    """best.pt's criterion (``train.select_metric``) on the paper's inference rule (sa+glca), or on SA
+    for a model without GLCA: top-1 (FGVC; Re-ID: mAP) for ``auto``, top-1 (Re-ID: CMC rank-1) for
+    ``top1``, mAP, or ``auc``: the ROC AUC of the validation pairs."""
+    mode = summary.primary_mode
+    if select == "auc":
+        if pairs is None:
+            raise UsageError("train.select_metric: auc needs validation pairs (data.val_fraction > 0, Re-ID)")
+        return pairs.results[mode].auc
+    if isinstance(summary, ReIDSummary):
+        return summary.metrics[mode]["rank1" if select == "top1" else "mAP"]
+    return summary.metrics[mode]["top1"]
 
 
-def selection_rule(eval_split: str, select_on_test: bool) -> str:
-    """How best.pt is chosen: on validation accuracy when the run has a validation split; without
-    one, the last epoch is kept (choosing on test accuracy would report a number picked on the
-    data it measures) unless ``train.select_on_test`` asks for exactly that."""
-    if eval_split == "val":
-        return "val"
-    return "test" if select_on_test else "last"
+def _evaluate_epoch(
+    parts: TrainingParts, cfg: Config, modes: tuple[str, ...], val_pairs: RunPairs | None = None
+) -> tuple[Summary | ReIDSummary, PairEvaluation | None]:
+    """The per-epoch evaluation: top-1 on the selection split, or for Re-ID the query/gallery ranking
+    and, with ``val_pairs``, those pairs scored on the very embeddings the ranking used."""
+    if parts.gallery_loader is not None:
+        summary = evaluate_reid(
+            parts.model, parts.eval_loader, parts.gallery_loader, parts.device, modes, parts.amp_dtype,
+            cfg.reid.distance, cfg.reid.rerank, keep_features=val_pairs is not None, tta=cfg.eval.tta,
+        )  # fmt: skip
+        if val_pairs is None:
+            return summary, None
+        pairs = score_validation(
+            summary.features, parts.data, cfg.data.root, val_pairs, cfg.verification.far_targets
+        )
+        summary.features = {}  # scored: no need to hold them until the next epoch
+        return summary, pairs
+    tally = evaluate(
+        parts.model, parts.eval_loader, parts.device, len(parts.data.classes), modes, parts.amp_dtype,
+        cfg.eval.tta,
+    )  # fmt: skip
+    return summarize(tally, parts.data.classes), None
+
+
+def run_provenance(cfg: Config, parts: TrainingParts, world_size: int, resumed_from: Path | None) -> dict:
+    """The run's provenance record (``provenance``): the protocol and TTA of its per-epoch evaluation,
+    how best.pt is chosen, and the checkpoint it started from (``model.init_from``) or resumed."""
+    data = parts.data
+    reid = data.reid is not None
+    protocol = (
+        reid_protocol(data.eval, cfg.reid.distance, cfg.reid.rerank)
+        if reid
+        else fgvc_protocol(data.eval_split)
+    )
+    t = cfg.train
+    record = provenance(
+        cfg, parts.device, dataset_version=data.reid.version if reid else "", protocol=protocol,
+        tta=cfg.eval.tta, chosen=selection(data.eval_split, t.select_on_test, t.select_metric, reid),
+        world_size=world_size,
+    )  # fmt: skip
+    init = cfg.model.init_from
+    # On a resume the file may be gone: its weights are in the checkpoint, its hash in "earlier".
+    digest = file_sha256(init) if init is not None and Path(init).is_file() else UNKNOWN
+    record["init_from"] = None if init is None else {"path": init, "sha256": digest}
+    record["resumed_from"] = None if resumed_from is None else str(resumed_from)
+    return record
 
 
 def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> RunResult:
@@ -116,6 +190,10 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             )  # fmt: skip
         cfg = adjusted
         parts = build_training(cfg, dist, resume_from=(state, resume_path) if state else None)
+        record = run_provenance(cfg, parts, dist.world_size, resume_path) if dist.is_main else {}
+        if dist.is_main:
+            path = write_run_provenance(run_dir, record, resumed=state is not None)
+            _logger.info("provenance (%s): %s", path.name, " | ".join(format_provenance(record)))
         if state is not None:
             progress = restore(state, resume_path, parts, cfg)
         else:
@@ -127,7 +205,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                                    cfg.run.tensorboard, cfg.run.wandb_project if cfg.run.wandb else None,
                                    cfg.to_dict())  # fmt: skip
         try:
-            progress = _run_epochs(cfg, parts, progress, recorder, dist, run_dir, show_progress)
+            progress = _run_epochs(cfg, parts, progress, recorder, dist, run_dir, show_progress, record)
         finally:
             if recorder is not None:
                 recorder.close()
@@ -151,14 +229,23 @@ def _run_epochs(
     dist: DistInfo,
     run_dir: Path,
     show_progress: bool,
+    record: dict[str, Any],
 ) -> Progress:
-    """The epochs left to train in this invocation: train, evaluate, record, checkpoint."""
+    """The epochs left to train in this invocation: train, evaluate, record, checkpoint.
+
+    Args:
+        record: the run's provenance, stored in each checkpoint (empty on ranks other than 0).
+    """
     t = cfg.train
     settings = _step_settings(cfg, parts.amp_dtype, show_progress and dist.is_main)
     modes = available_modes(parts.model)
     num_classes = len(parts.data.classes)
-    rule = selection_rule(parts.data.eval_split, t.select_on_test)
-    _logger.info("best.pt: %s", SELECTION_TEXT[rule])
+    chosen = selection(
+        parts.data.eval_split, t.select_on_test, t.select_metric, parts.gallery_loader is not None
+    )
+    rule = chosen["rule"]
+    _logger.info("best.pt: %s", chosen["text"])
+    val_pairs = training_pairs(cfg, parts.data, run_dir, write=dist.is_main)
     stop = t.epochs if cfg.run.stop_after_epochs is None else progress.next_epoch + cfg.run.stop_after_epochs
     for epoch in range(progress.next_epoch, min(t.epochs, stop)):
         try:
@@ -166,9 +253,8 @@ def _run_epochs(
         except KeyboardInterrupt:
             _logger.warning("interrupted in epoch %d: last.pt holds epoch %d", epoch, epoch - 1)
             raise
-        tally = evaluate(parts.model, parts.eval_loader, parts.device, num_classes, modes, parts.amp_dtype)
-        summary = summarize(tally, parts.data.classes)
-        metric = selection_metric(summary)
+        summary, pairs = _evaluate_epoch(parts, cfg, modes, val_pairs)
+        metric = selection_metric(summary, t.select_metric, pairs)
         is_best = rule == "last" or metric > progress.best
         progress = replace(
             progress,
@@ -180,22 +266,21 @@ def _run_epochs(
         if recorder is None:
             continue
         row = metrics_row(epoch, stats, summary, parts.criterion.raw_weights(), peak_memory_mb(parts.device))
+        verification = None
+        if pairs is not None:
+            row.update(pairs.columns())
+            verification = {"thresholds": pairs.thresholds, "pairs": str(val_pairs.path)}
         recorder.record(row, parts.data.eval_split)
+        if pairs is not None:
+            _logger.info("epoch %d: validation pairs %s", epoch, pairs.summary_line())
         device_mb = device_memory_mb(parts.device)
         for message in health_warnings(
             recorder.history, num_classes, t.warmup_epochs, progress.initial_weights, device_mb
         ):
             _logger.warning("health: %s", message)
-        state = _checkpoint(parts, progress, epoch, cfg, dist.world_size)
+        state = _checkpoint(parts, progress, epoch, cfg, dist.world_size, verification, is_best, record)
         save_checkpoints(state, run_dir / "checkpoints", is_best, t.checkpoint_every, t.keep_checkpoints)
     return progress
-
-
-SELECTION_TEXT = {
-    "val": "the epoch with the best validation top-1 (data.val_fraction carves the validation split)",
-    "last": "the last epoch: the run has no validation split (set data.val_fraction > 0 to select on one)",
-    "test": "the epoch with the best TEST top-1 (train.select_on_test: true): the best is picked on test",
-}
 
 
 def _train_epoch(

@@ -41,6 +41,7 @@ COLOURS = {
     "sa+glca": "tab:purple",
 }
 EVAL_COLUMNS = {"sa": "eval_top1_sa", "glca": "eval_top1_glca", "sa+glca": "eval_top1_sa_glca"}
+REID_COLUMNS = {"sa": "eval_mAP_sa", "glca": "eval_mAP_glca", "sa+glca": "eval_mAP_sa_glca"}  # Re-ID runs
 
 
 def _new_figure(size_inches: tuple[float, float]) -> Figure:
@@ -225,10 +226,13 @@ def metrics_figure(frame: pd.DataFrame) -> Figure:
         _plot(weights, frame, f"weight_{b}", b, COLOURS[b])
     for mode, column in EVAL_COLUMNS.items():
         _plot(accuracy, frame, column, f"eval {mode}", COLOURS[mode])
+    for mode, column in REID_COLUMNS.items():
+        _plot(accuracy, frame, column, f"eval mAP {mode}", COLOURS[mode])
     _plot(lr, frame, "lr", "lr", COLOURS["total"])
     lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     _finish(loss, "training loss", "cross-entropy")
-    _finish(accuracy, "accuracy (train dashed, eval solid)", "top-1 (%)")
+    reid = any(column in frame for column in REID_COLUMNS.values())
+    _finish(accuracy, "train accuracy (dashed), eval " + ("mAP" if reid else "top-1"), "%")
     _finish(lr, "learning rate (end of epoch)", "LR")
     _finish(weights, "loss weights w_k", "w_k")
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.95, hspace=0.35, wspace=0.2)

@@ -134,7 +134,7 @@ def hand_metrics(labels: list[int], probs: torch.Tensor) -> dict[str, float]:
 
 def test_json_has_the_issue_fields_and_counts_every_image_once(trained, evaluated):
     results = evaluated.results
-    assert set(results) == {"sa", "glca", "sa+glca", "num_images", "checkpoint", "split"}
+    assert set(results) == {"sa", "glca", "sa+glca", "num_images", "checkpoint", "split", "provenance"}
     assert results["num_images"] == sum(TEST_SIZES) == 16
     assert results["split"] == "test"
     assert Path(results["checkpoint"]) == trained.checkpoint.resolve()

@@ -368,7 +368,11 @@ def test_branch_checks_fail_when_a_branch_is_broken(failing, monkeypatch):
 
 def test_gradient_check_fails_when_glca_is_cut_from_the_loss(monkeypatch):
     original = DualViT._glca
-    monkeypatch.setattr(DualViT, "_glca", lambda self, x, index: original(self, x, index).detach())
+
+    def cut(self, x, index):  # GLCA's features and logits without a path back to the weights
+        return tuple(t.detach() for t in original(self, x, index))
+
+    monkeypatch.setattr(DualViT, "_glca", cut)
     assert run_branch_checks()["branches.gradients"] == "FAIL"
 
 

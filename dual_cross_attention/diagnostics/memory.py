@@ -28,7 +28,9 @@ TRAIN_FLOPS_MAX = 2.5  # DeiT-Tiny at 448 px: 2.47x; fewer tokens sit lower (the
 TRAIN_FLOPS_MIN = 2.0  # PWCA repeats every block: below this it did not run
 SAVED_BYTES_MAX = 2.3  # DeiT-Tiny at 448 px: 2.14x
 CHECKPOINTED_MAX = 0.5  # saved bytes with activation checkpointing over those without: 0.07x measured
-INFERENCE_FLOPS_MAX = 1.05  # 1.02x at 448 px; GLCA's one block is a larger share of the 64 px demo: 1.04x
+# Rollout without N x N maps costs one more (swapped) attention per block below the last: issue 16
+# allows up to 1.35x under the math backend; the 64 px demo measured 1.07x.
+INFERENCE_FLOPS_MAX = 1.35
 GROWTH_STEPS = 20
 CUDA_FIT_FRACTION = 0.9  # leave room for the allocator's fragmentation and other processes
 
@@ -55,7 +57,7 @@ def check_cost_ratios(costs: StepCosts, note: str, uses_pwca: bool = True) -> li
             "memory.inference_flops",
             inference <= INFERENCE_FLOPS_MAX,
             f"{fmt_ratio(inference)} of the plain ViT ({note})",
-            f"<= {INFERENCE_FLOPS_MAX}x (no PWCA, rollout reuses the maps)",
+            f"<= {INFERENCE_FLOPS_MAX}x (no PWCA; rollout: one more fused attention per block, no N x N map)",
         ),
     ]
 
@@ -96,7 +98,11 @@ def take_census(device: torch.device) -> Census:
         count += 1
         if obj.layout == torch.strided and obj.device.type != "meta":
             storage = obj.untyped_storage()
-            storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+            try:
+                pointer = storage.data_ptr()
+            except RuntimeError:  # a fake tensor left by torch.export / compile tracing: no memory
+                continue
+            storages[(storage.device, pointer)] = storage.nbytes()
     allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     return Census(tensors=count, tensor_bytes=sum(storages.values()), device_bytes=allocated)
 

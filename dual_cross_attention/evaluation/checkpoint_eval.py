@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,10 +22,15 @@ from ..distributed import init_distributed
 from ..errors import UsageError
 from ..inference import TTA_CHOICES
 from ..prediction import load_trained
+from ..provenance import evaluation_provenance, fgvc_protocol, format_provenance
 from ..visualize import draw_attention_grid
 from .metrics import Summary, require_each_image_once, summarize
+from .reid_checkpoint import ReIDReport, evaluate_reid_trained, format_reid_report
 from .report import attention_examples, results_json, write_tables
 from .throughput import Throughput, measure_throughput
+
+if TYPE_CHECKING:
+    from ..verification.checkpoint_pairs import PairReport
 
 _logger = logging.getLogger(__name__)
 
@@ -71,12 +76,12 @@ def default_out_dir(checkpoint: Path, split: str, tta: str) -> Path:
     return checkpoint.parent / f"{checkpoint.stem}_{split}{suffix}"
 
 
-def _check_options(visualize: int, tta: str, throughput_iterations: int) -> None:
+def _check_options(visualize: int, tta: str | None, throughput_iterations: int) -> None:
     if visualize < 0 or throughput_iterations < 0:
         raise UsageError(
             f"--visualize and --throughput-iters must be >= 0, got {visualize}, {throughput_iterations}"
         )
-    if tta not in TTA_CHOICES:
+    if tta is not None and tta not in TTA_CHOICES:
         raise UsageError(f"--tta must be one of {TTA_CHOICES}, got '{tta}'")
 
 
@@ -86,10 +91,14 @@ def evaluate_checkpoint(
     overrides: Sequence[str] = (),
     out_dir: str | Path | None = None,
     visualize: int = 0,
-    tta: str = "none",
+    tta: str | None = None,
     throughput_iterations: int = 5,
     show_progress: bool = False,
-) -> EvaluationReport:
+    rerank: bool = False,
+    save_features: str | Path | None = None,
+    pairs: str | None = None,
+    val_pairs: str | None = None,
+) -> EvaluationReport | ReIDReport | PairReport:
     """Evaluate a training checkpoint on a split of its dataset and write the tables and pictures.
 
     Args:
@@ -98,13 +107,55 @@ def evaluate_checkpoint(
         overrides: ``section.key=value`` changes to the stored config (e.g. ``data.root=...``).
         out_dir: where to write; default ``default_out_dir``.
         visualize: number of images in attention_grid.png (0: no picture).
-        tta: 'none' or 'flip' (probabilities averaged with the mirrored image).
+        tta: 'none' or 'flip': FGVC probabilities, Re-ID (and pair) embeddings averaged over the
+            image and its mirror (``inference.flip_averaged``); None: the checkpoint's ``eval.tta``.
         throughput_iterations: timed batches per forward kind (0: skip the measurement).
         show_progress: progress bar over the split.
+        rerank: Re-ID only: k-reciprocal re-ranking.
+        save_features: Re-ID only: write the query/gallery features ranked to this .npz file.
+        pairs: verify pairs instead (``verification.checkpoint_pairs``): a pair CSV, an identity JSON,
+            or ``RUN_PAIRS`` (the run's generated test pairs).
+        val_pairs: with ``pairs``: validation pairs the thresholds are chosen on (default: the
+            thresholds stored in the checkpoint).
+
+    A Re-ID checkpoint (its config names a Re-ID dataset) is ranked query against gallery instead
+    (``reid_checkpoint``); ``split`` does not apply to it.
     """
     _check_options(visualize, tta, throughput_iterations)
+    if pairs is None and val_pairs is not None:
+        raise UsageError("--val-pairs chooses the thresholds for --pairs: give --pairs too")
+    if pairs is not None and (split != "test" or rerank or save_features or visualize):
+        raise UsageError(
+            "--pairs verifies pairs: --split, --rerank, --save-features and --visualize do not apply"
+        )
     dist = init_distributed(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     trained = load_trained(checkpoint, overrides)
+    tta = trained.config.eval.tta if tta is None else tta
+    if pairs is not None:
+        # Imported here: verification imports evaluation (reid, report), whose package imports this module.
+        from ..verification import checkpoint_pairs
+
+        name = "pairs" if pairs == checkpoint_pairs.RUN_PAIRS else f"pairs_{Path(pairs).stem}"
+        target = Path(out_dir) if out_dir is not None else default_out_dir(trained.checkpoint, name, tta)
+        return checkpoint_pairs.evaluate_pairs_trained(
+            trained, dist, target, pairs, val_pairs, show_progress, tta
+        )
+    if trained.config.task == "reid":
+        if split != "test":
+            raise UsageError(
+                "a Re-ID checkpoint is evaluated query against gallery of the test set: --split does not "
+                "apply to it"
+            )
+        target = (
+            Path(out_dir)
+            if out_dir is not None
+            else default_out_dir(trained.checkpoint, "reid_rerank" if rerank else "reid", tta)
+        )
+        return evaluate_reid_trained(
+            trained, dist, target, rerank, save_features, show_progress, visualize, tta
+        )
+    if rerank or save_features is not None:
+        raise UsageError("--rerank and --save-features are for Re-ID checkpoints; this one is FGVC")
     if visualize and not trained.model.use_glca:
         raise UsageError("--visualize needs the GLCA branch (rollout); this model has model.glca: false")
     dataset = build_eval_split(trained.config, split)
@@ -122,7 +173,10 @@ def evaluate_checkpoint(
     require_each_image_once(tally.num_images, len(dataset), dataset.description)
     summary = summarize(tally, trained.classes)
     target = Path(out_dir) if out_dir is not None else default_out_dir(trained.checkpoint, split, tta)
-    results = results_json(summary, trained.checkpoint, split)
+    record = evaluation_provenance(
+        trained, protocol=fgvc_protocol(split), tta=tta, world_size=dist.world_size
+    )
+    results = results_json(summary, trained.checkpoint, split, record)
     files, speed = [], None
     if dist.is_main:  # rank 0 writes the files and times the model
         files = write_tables(summary, trained.classes, target)
@@ -134,11 +188,18 @@ def evaluate_checkpoint(
     return EvaluationReport(summary, results, out_dir=target, files=files, throughput=speed, tta=tta)
 
 
-def format_report(report: EvaluationReport) -> str:
+def format_report(report: EvaluationReport | ReIDReport | PairReport) -> str:
     """The table the script prints: metrics per mode, throughput, files written."""
+    if isinstance(report, ReIDReport):
+        return format_reid_report(report)
+    if not isinstance(report, EvaluationReport):  # a PairReport (see evaluate_checkpoint's import)
+        from ..verification.checkpoint_pairs import format_pair_report
+
+        return format_pair_report(report)
     r = report.results
     lines = [
         f"{r['checkpoint']}  split {r['split']}: {r['num_images']} images, TTA {report.tta}",
+        *format_provenance(r["provenance"]),
         f"{'mode':<8} {'top-1':>7} {'top-5':>7} {'mean-class':>11}",
     ]
     for mode, m in report.summary.metrics.items():

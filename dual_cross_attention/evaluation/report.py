@@ -42,10 +42,15 @@ def most_confused(confusion: np.ndarray, classes: Sequence[str], limit: int = MA
     )
 
 
-def results_json(summary: Summary, checkpoint: Path, split: str) -> dict[str, Any]:
-    """The ``--json`` document; a mode the model lacks (no GLCA) is null."""
+def results_json(
+    summary: Summary, checkpoint: Path, split: str, provenance: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``--json`` document; a mode the model lacks (no GLCA) is null. ``provenance``: the
+    record of ``provenance.evaluation_provenance``, under that key."""
     results: dict[str, Any] = {mode: summary.metrics.get(mode) for mode in PREDICT_MODES}
     results.update(num_images=summary.num_images, checkpoint=str(checkpoint.resolve()), split=split)
+    if provenance is not None:
+        results["provenance"] = provenance
     return results
 
 

@@ -2,10 +2,12 @@
 Attention internals (norm1, attn.qkv, q_norm/k_norm, attn_drop, attn.norm, proj, proj_drop,
 ls1/ls2, drop_path1/2, norm2, mlp).
 
-Every step that carries a gradient runs ``F.scaled_dot_product_attention``, so no N x N
-attention matrix is kept for autograd. The explicit softmax (``sa_block_with_map``) is for the
-no-grad path, where the head-averaged maps are wanted for rollout. All of them, and rollout,
-take the softmax scale from ``softmax_scale``.
+Every step that carries a gradient runs fused attention, so no N x N attention matrix is kept
+for autograd: ``F.scaled_dot_product_attention``, or for an SA step whose rollout is wanted the
+same kernel through ``fused_lse.attention_with_lse``, which also returns each query's
+log-sum-exp. The explicit softmax (``sa_block_with_map``) is the no-grad path for where no such
+kernel exists: it materialises the maps for rollout. All of them, and rollout, take the softmax
+scale from ``softmax_scale``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
+
+from .fused_lse import attention_with_lse
 
 
 def softmax_scale(head_dim: int) -> float:
@@ -69,6 +73,11 @@ def fused_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.
     """
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=softmax_scale(q.shape[-1]))
+    return merge_heads(out)
+
+
+def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(B, nh, Nq, hd) per-head attention outputs -> (B, Nq, nh * hd), timm's head order."""
     B, nh, Nq, hd = out.shape
     return out.transpose(1, 2).reshape(B, Nq, nh * hd)
 
@@ -85,9 +94,7 @@ def explicit_attention(
     weights = (q * softmax_scale(q.shape[-1])) @ k.transpose(-2, -1)  # (B, nh, N, N)
     weights = weights.softmax(dim=-1)
     head_mean = weights.mean(dim=1)
-    out = attn.attn_drop(weights) @ v  # (B, nh, N, hd)
-    B, nh, N, hd = out.shape
-    return out.transpose(1, 2).reshape(B, N, nh * hd), head_mean
+    return merge_heads(attn.attn_drop(weights) @ v), head_mean
 
 
 def block_tail(block: Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -103,18 +110,28 @@ def block_tail(block: Block, x: torch.Tensor, attended: torch.Tensor) -> torch.T
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def sa_block(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sa_block(
+    block: Block, x: torch.Tensor, with_lse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Self-attention block with fused attention: timm's ``Block.forward``.
 
     Args:
         x: (B, N, C).
+        with_lse: also return each query's log-sum-exp (``fused_lse.attention_with_lse``; the
+            caller has checked ``fused_lse.lse_available``).
 
     Returns:
-        the block's output (B, N, C) and its q, k, v, each (B, nh, N, hd): PWCA reuses k, v of
-        the distractor and rollout recomputes maps from q, k.
+        the block's output (B, N, C); its q, k, v, each (B, nh, N, hd): PWCA reuses k, v of the
+        distractor and rollout recomputes the maps' rows from q, k; and lse (B, nh, N) float32
+        without autograd, or None.
     """
-    q, k, v = project_qkv(block.attn, block.norm1(x))
-    return block_tail(block, x, fused_attention(block.attn, q, k, v)), q, k, v
+    attn = block.attn
+    q, k, v = project_qkv(attn, block.norm1(x))
+    if not with_lse:
+        return block_tail(block, x, fused_attention(attn, q, k, v)), q, k, v, None
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out, lse = attention_with_lse(q, k, v, softmax_scale(q.shape[-1]), dropout)  # (B, nh, N, hd)
+    return block_tail(block, x, merge_heads(out)), q, k, v, lse
 
 
 def sa_block_with_map(

@@ -13,9 +13,11 @@
 
 This module only wires the streams: ``blocks`` runs one timm block as an SA, PWCA or GLCA
 step, ``rollout`` scores the patches, ``backbone`` embeds the images and applies the head.
-Rollout needs head-averaged maps but no gradient: in training they are recomputed from the
-queries/keys that autograd keeps anyway; without autograd the attention is computed
-explicitly once and its maps are reused.
+Rollout needs the class row times each head-averaged map but no gradient, and no N x N map is
+built for it: every block runs fused attention and keeps its log-sum-exp (``fused_lse``), and
+the rollout recomputes the scores tile by tile from the kept queries/keys (``rollout``). Where
+no kernel returns the log-sum-exp, inference falls back to explicit attention and reuses its
+maps, and the log says so once.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -32,6 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UsageError
 from .backbone import create_backbone, embed, head_outputs
 from .blocks import glca_block, pwca_block, queries_keys, sa_block, sa_block_with_map
+from .bnneck import BNNeckHead
+from .fused_lse import lse_available
 from .pairs import pwca_pairs
 from .rollout import (
     cls_attention_row,
@@ -57,6 +62,7 @@ class DualViTOutput:
     glca_logits: torch.Tensor | None = None  # (B, K); None when GLCA is off
     glca_features: torch.Tensor | None = None  # (B, C)
     pwca_logits: torch.Tensor | None = None  # (B, K); None in eval mode or when PWCA is off
+    pwca_features: torch.Tensor | None = None  # (B, C); with pwca_logits (Re-ID's triplet loss)
     rollout: torch.Tensor | None = None  # (B, P) class-token rollout row over patches; None without GLCA
     local_index: torch.Tensor | None = None  # (B, k) patches picked for GLCA, highest score first
 
@@ -77,7 +83,7 @@ class DualViT(nn.Module):
         self,
         backbone: str,
         num_classes: int,
-        img_size: int = 448,
+        img_size: int | tuple[int, int] = 448,
         pretrained: bool = True,
         pretrained_path: str | None = None,
         top_ratio: float = 0.1,
@@ -90,6 +96,7 @@ class DualViT(nn.Module):
         drop_path_rate: float = 0.1,
         grad_checkpointing: bool = False,
         backbone_kwargs: dict | None = None,
+        bnneck: bool = False,
     ) -> None:
         """DCAL over a timm Vision Transformer.
 
@@ -97,7 +104,7 @@ class DualViT(nn.Module):
             backbone: timm model name (``deit_tiny_patch16_224``, ``vit_base_patch16_224.augreg_in21k``,
                 ``vit_base_r50_s16_224``, ``deit_small_distilled_patch16_224``, ...).
             num_classes: number of classes; SA/PWCA share the backbone head, GLCA has its own.
-            img_size: input resolution (square).
+            img_size: input resolution: a square side, or (height, width) (Re-ID: 256 x 128 persons).
             pretrained: start from pretrained weights (``pretrained_path`` if set, else timm's hub).
             pretrained_path: local ``.safetensors`` / ``.pth`` / ``.npz`` weights for the backbone.
             top_ratio: R, the fraction of patches GLCA uses as local queries (0.1 for FGVC).
@@ -117,6 +124,8 @@ class DualViT(nn.Module):
             drop_path_rate: stochastic depth rate.
             grad_checkpointing: recompute each block in backward instead of storing activations.
             backbone_kwargs: extra ``timm.create_model`` arguments (e.g. a small ViT for CPU runs).
+            bnneck: replace the classifier(s) by ``BNNeckHead`` (batch norm, then a bias-free
+                linear layer), as Re-ID models do; ``neck_features`` gives the retrieval feature.
         """
         super().__init__()
         if not 0.0 < top_ratio <= 1.0:
@@ -131,6 +140,14 @@ class DualViT(nn.Module):
         self.backbone = create_backbone(
             backbone, num_classes, img_size, pretrained, pretrained_path, drop_path_rate, backbone_kwargs
         )
+        if bnneck:
+            if isinstance(self.backbone, VisionTransformerDistilled):
+                raise UsageError(
+                    f"model.backbone '{backbone}' is a distilled DeiT, whose two classifiers have no single "
+                    "retrieval feature; use the non-distilled model of that size for Re-ID (reid.bnneck)"
+                )
+            self.backbone.head = BNNeckHead(self.backbone.embed_dim, num_classes)
+        self.bnneck = bnneck
         self.num_classes = num_classes
         self.top_ratio = top_ratio
         self.use_glca = glca
@@ -174,7 +191,7 @@ class DualViT(nn.Module):
         sa_features, sa_logits = head_outputs(bb, bb.norm(streams.sa))
         out = DualViTOutput(sa_logits=sa_logits, sa_features=sa_features)
         if streams.pwca is not None:
-            out.pwca_logits = head_outputs(bb, bb.norm(streams.pwca))[1]
+            out.pwca_features, out.pwca_logits = head_outputs(bb, bb.norm(streams.pwca))
         if self.use_glca:
             P = self.num_prefix_tokens
             out.rollout = streams.rollout[:, P:]
@@ -195,58 +212,81 @@ class DualViT(nn.Module):
         return x if pair_index is not None and i == self.pwca_start else pw
 
     def _blocks_with_grad(self, x: torch.Tensor, pair_index: torch.Tensor | None) -> Streams:
-        """Fused attention through all blocks; rollout afterwards from the kept queries/keys."""
+        """Fused attention through all blocks; rollout afterwards from the kept queries/keys and,
+        where a log-sum-exp kernel exists (``fused_lse``), each block's lse."""
+        with_lse = self.use_glca and lse_available(x, self.backbone.blocks[0].attn.head_dim)
         pw = None
-        inputs, qk = [], []
+        inputs, qk, lses = [], [], []
         for i, block in enumerate(self.backbone.blocks):
             pw = self._branch_pwca(i, x, pw, pair_index)
             inputs.append(x)
+            args = (block, x, pw, pair_index, with_lse)
             if self.grad_checkpointing:
-                x, pw, q, k = checkpoint(self._sa_pwca_block, block, x, pw, pair_index, use_reentrant=False)
+                x, pw, q, k, lse = checkpoint(self._sa_pwca_block, *args, use_reentrant=False)
             else:
-                x, pw, q, k = self._sa_pwca_block(block, x, pw, pair_index)
+                x, pw, q, k, lse = self._sa_pwca_block(*args)
             # Without checkpointing, q/k are views of tensors autograd keeps anyway: free to hold.
             # With it, holding them would undo the saving, so rollout recomputes them from the
-            # block inputs that checkpointing keeps.
+            # block inputs that checkpointing keeps. lse (B, nh, N) is small enough to keep.
             qk.append(None if self.grad_checkpointing else (q, k))
+            lses.append(lse)
         pw = self._branch_pwca(len(inputs), x, pw, pair_index)  # T = 0: no PWCA block
         rollout = last_row = None
         if self.use_glca:
             blocks = list(self.backbone.blocks)
-            last_first = zip(reversed(blocks), reversed(inputs), reversed(qk), strict=True)
-            rollout = rollout_from_qk(pair or queries_keys(b, inp) for b, inp, pair in last_first)
+            last_first = zip(reversed(blocks), reversed(inputs), reversed(qk), reversed(lses), strict=True)
+            rollout = rollout_from_qk(
+                (*(pair or queries_keys(b, inp)), lse) for b, inp, pair, lse in last_first
+            )
             if self.glca_select == "last":
                 last_row = cls_attention_row(*(qk[-1] or queries_keys(blocks[-1], inputs[-1])))
         return Streams(x, pw, inputs[-1], rollout, last_row)
 
     def _blocks_without_grad(self, x: torch.Tensor, pair_index: torch.Tensor | None) -> Streams:
-        """Explicit attention (no autograd): the maps it computes anyway are reused for rollout."""
+        """No autograd. Where a log-sum-exp kernel exists (``fused_lse``) attention is fused, and
+        each block keeps q, k (copies, so that its fused qkv is freed) and lse for rollout
+        afterwards: O(N) per block. Elsewhere it is explicit and its N x N maps are reused."""
+        blocks = self.backbone.blocks
+        fused = not self.use_glca or lse_available(x, blocks[0].attn.head_dim)
         pw = None
-        maps = []
+        kept = []  # per block: (q, k, lse) when fused, else the head-averaged map (B, N, N)
         last_input = x
-        for i, block in enumerate(self.backbone.blocks):
+        for i, block in enumerate(blocks):
             pw = self._branch_pwca(i, x, pw, pair_index)
             last_input = x
-            x, k, v, head_mean = sa_block_with_map(block, x)
-            maps.append(head_mean)
+            if fused:
+                x, q, k, v, lse = sa_block(block, x, with_lse=self.use_glca)
+                if self.use_glca:
+                    kept.append((q.contiguous(), k.contiguous(), lse))
+            else:
+                x, k, v, head_mean = sa_block_with_map(block, x)
+                kept.append(head_mean)
             if pw is not None:
                 pw = pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
-        pw = self._branch_pwca(len(maps), x, pw, pair_index)  # T = 0: no PWCA block
+        pw = self._branch_pwca(len(blocks), x, pw, pair_index)  # T = 0: no PWCA block
         rollout = last_row = None
-        if self.use_glca:
-            rollout = rollout_cls_row(maps[-1][:, 0], reversed(maps[:-1]))
-            last_row = maps[-1][:, 0] if self.glca_select == "last" else None
+        if self.use_glca and fused:
+            rollout = rollout_from_qk(reversed(kept))
+            last_row = cls_attention_row(*kept[-1][:2]) if self.glca_select == "last" else None
+        elif self.use_glca:
+            rollout = rollout_cls_row(kept[-1][:, 0], reversed(kept[:-1]))
+            last_row = kept[-1][:, 0] if self.glca_select == "last" else None
         return Streams(x, pw, last_input, rollout, last_row)
 
     @staticmethod
     def _sa_pwca_block(
-        block: Block, x: torch.Tensor, pw: torch.Tensor | None, pair_index: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """One block of the SA stream and, when given, of the PWCA stream (one checkpoint unit)."""
-        x, q, k, v = sa_block(block, x)  # q, k, v: (B, nh, N, hd)
+        block: Block,
+        x: torch.Tensor,
+        pw: torch.Tensor | None,
+        pair_index: torch.Tensor | None,
+        with_lse: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One block of the SA stream and, when given, of the PWCA stream (one checkpoint unit);
+        returns both streams' outputs, the SA q and k without autograd, and lse or None."""
+        x, q, k, v, lse = sa_block(block, x, with_lse)  # q, k, v: (B, nh, N, hd)
         if pw is not None:
             pw = pwca_block(block, pw, k.index_select(0, pair_index), v.index_select(0, pair_index))
-        return x, pw, q.detach(), k.detach()
+        return x, pw, q.detach(), k.detach(), lse
 
     def _select_local(self, rollout: torch.Tensor, last_row: torch.Tensor | None) -> torch.Tensor:
         """GLCA's local patches (B, k) by ``glca_select``, from the rollout over the patches
@@ -300,6 +340,12 @@ class DualViT(nn.Module):
         finally:
             self.train(was_training)
         return combine_probabilities(out, mode)
+
+
+def neck_features(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The retrieval feature of pre-head ``features`` (B, C): after the BNNeck's norm when
+    ``head`` is a ``BNNeckHead``, else the features themselves."""
+    return head.neck(features) if isinstance(head, BNNeckHead) else features
 
 
 def resolve_pwca_blocks(pwca_blocks: int | str, depth: int) -> int:

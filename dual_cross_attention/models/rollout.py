@@ -2,7 +2,15 @@
 the last block's map alone, or at random).
 
 Only the class-token row of the rollout is needed, so a row vector is multiplied through the
-head-averaged maps from the last block down; no N x N x N matrix chain is formed. Nothing here
+head-averaged maps from the last block down; no N x N x N matrix chain is formed. From queries
+and keys (``rollout_from_qk``) no N x N map is formed either: row r times softmax(S) is summed
+over tiles of query rows, (r A)_j = sum_i r_i exp(S_ij - lse_i), each tile of bounded size
+(``fused_lse.TILE_ELEMENTS``), with lse_i the log-sum-exp the fused forward kept. (A second
+fused SDPA call with queries and keys swapped gives the same sums as its log-sum-exp, but the
+kernel needs values of the full head size, so half its work is a product with zeros: tiles do
+half the FLOPs. Measured at 448 px, batch 2-4, SA+GLCA over plain-ViT images/s, DeiT-Tiny /
+ViT-Base: idle CPU, tiles 0.71-0.74x / 0.79-0.81x, swapped call 0.69x / 0.79x; 2 cores loaded
+by other processes, tiles 0.66x / 0.78x, swapped call 0.71x / 0.86x.) Nothing here
 carries a gradient, and everything is computed in float32 with autocast off: under bf16/fp16
 autocast a matmul of float32 inputs would otherwise run (and return) in the low precision,
 which moves the scores by about 1e-3 and can change which patches GLCA selects.
@@ -16,6 +24,7 @@ from collections.abc import Iterable
 import torch
 
 from .blocks import softmax_scale
+from .fused_lse import tile_elements
 
 
 def fp32(device: torch.device) -> torch.autocast:
@@ -50,49 +59,69 @@ def cls_attention_row(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def row_times_attention(
-    row: torch.Tensor, q: torch.Tensor, k: torch.Tensor, buffer: torch.Tensor
+    row: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """row @ mean_h softmax(q_h k_h^T * scale), without forming the normalised map.
+    """row @ mean_h softmax(q_h k_h^T * scale), a tile of query rows at a time (no N x N tensor).
 
-    Uses row @ softmax(S) = (row / Z) @ exp(S - max) per head, computed in place in ``buffer``,
-    so each block costs one matmul, one exp and one reduction (the training-path rollout
-    recomputes these maps for every block).
+    A tile holds the scores of some query rows i against all keys; exp(S_ij - lse_i) is then that
+    tile of the normalised map, and row_i / nh times it adds the tile's share of the result. With
+    lse the shift rides in the score matmul as one more coordinate (q_i scale, -lse_i) . (k_j, 1),
+    so a tile costs three ops: matmul, exp, row-vector product. With float32 queries the forward
+    kernel's lse is exact to float32 rounding and is used as it is; without lse, or when it came
+    from low-precision q/k (bf16 CPU flash: up to 7e-5 off), each row is shifted by its maximum or
+    by that lse and divided by its own sum in the tile, which makes it exactly normalised.
 
     Args:
-        row: (B, N) float32. q, k: (B, nh, N, hd). buffer: (B, nh, N, N) float32 scratch space.
+        row: (B, N) float32. q, k: (B, nh, N, hd), any layout. lse: (B, nh, N) or None.
 
     Returns:
         (B, N) float32.
     """
-    heads = q.shape[1]
-    scale = softmax_scale(q.shape[-1])
+    B, nh, N, hd = q.shape
+    exact = lse is not None and q.dtype == torch.float32
     with fp32(q.device):
-        scores = torch.matmul(q.float() * scale, k.float().transpose(-2, -1), out=buffer)  # (B, nh, N, N)
-        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        weights = row[:, None, :] / (scores.sum(dim=-1) * heads)  # (B, nh, N): row_i / (Z_hi * nh)
-        return (weights.unsqueeze(-2) @ scores).squeeze(-2).sum(dim=1)
+        qs = q.float().reshape(B * nh, N, hd) * softmax_scale(hd)  # (B nh, N, hd)
+        kf = k.float().reshape(B * nh, N, hd)
+        if lse is not None:
+            qs = torch.cat([qs, -lse.float().reshape(B * nh, N, 1)], dim=-1)  # (B nh, N, hd + 1)
+            kf = torch.cat([kf, kf.new_ones(B * nh, N, 1)], dim=-1)
+        kt = kf.transpose(1, 2)  # (B nh, hd [+ 1], N)
+        weights = (row.float() / nh).repeat_interleave(nh, dim=0).unsqueeze(1)  # (B nh, 1, N)
+        out = torch.zeros(B * nh, 1, N, device=q.device, dtype=torch.float32)
+        per_tile = tile_elements(q.device)
+        maps = max(1, min(B * nh, per_tile // (N * N)))  # whole maps per tile when they are small
+        rows = max(1, min(N, per_tile // (maps * N)))
+        for g in range(0, B * nh, maps):
+            m = slice(g, g + maps)
+            for i in range(0, N, rows):
+                r = slice(i, i + rows)
+                tile = torch.bmm(qs[m, r], kt[m])  # (maps, rows, N) scores, minus lse when given
+                if lse is None:
+                    tile.sub_(tile.amax(dim=-1, keepdim=True))
+                tile.exp_()
+                w = weights[m, :, r] if exact else weights[m, :, r] / tile.sum(dim=-1).unsqueeze(1)
+                torch.baddbmm(out[m], w, tile, out=out[m])  # += (maps, 1, N); counted by FLOP counters
+        return out.view(B, nh, N).sum(dim=1)
 
 
 @torch.no_grad()
-def rollout_from_qk(qk_last_first: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Class-token rollout row from per-block queries and keys, last block first: for the
-    training path, where the fused kernel never exposed the maps. One map's worth of scratch
-    memory is reused for every block.
+def rollout_from_qk(blocks_last_first: Iterable[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Class-token rollout row from per-block queries and keys, last block first, without any
+    N x N tensor: ``row_times_attention`` for every block below the last.
 
     Args:
-        qk_last_first: (q, k) of blocks L, L-1, ..., 1, each (B, nh, N, hd). May be a generator.
+        blocks_last_first: (q, k) or (q, k, lse) of blocks L, L-1, ..., 1; q, k (B, nh, N, hd),
+            lse (B, nh, N) from the fused forward or None. May be a generator.
 
     Returns:
         (B, N) as ``rollout_cls_row``.
     """
-    blocks = iter(qk_last_first)
-    q_last, k_last = next(blocks)
+    blocks = iter(blocks_last_first)
+    q_last, k_last, *_ = next(blocks)
     row = 0.5 * cls_attention_row(q_last, k_last)
     row[:, 0] += 0.5  # e0 (0.5 S_L + 0.5 I)
-    B, heads, N, _ = k_last.shape
-    buffer = torch.empty(B, heads, N, N, device=k_last.device, dtype=torch.float32)
-    for q, k in blocks:
-        row = 0.5 * row_times_attention(row, q, k, buffer) + 0.5 * row
+    for q, k, *lse in blocks:
+        row = 0.5 * row_times_attention(row, q, k, *lse) + 0.5 * row
     return row
 
 
