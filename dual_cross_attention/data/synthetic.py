@@ -40,9 +40,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -329,7 +330,20 @@ def generate_demo_dataset(
     Returns:
         The root path of the generated set (CUB layout).
     """
-    spec = spec or DemoSpec()
+    return generate_once(root, spec or DemoSpec(), write_demo_dataset, "synthetic", "the demo dataset")
+
+
+def generate_once(
+    root: str | os.PathLike[str], spec: Any, write: Callable[[Path, Any], None], dataset: str, what: str
+) -> Path:
+    """``write(tmp, spec)`` into a temporary folder next to ``root`` and rename it into place,
+    unless ``root`` already holds the set of exactly this spec (its ``demo_info.json``); a folder
+    with other files and no info file is refused rather than overwritten.
+
+    Args:
+        spec: a dataclass; its fields are recorded in ``demo_info.json``.
+        dataset: the ``data.dataset`` name, for the error message. what: for the log.
+    """
     root = Path(root)
     if root.exists():
         existing = _read_info(root)
@@ -338,14 +352,14 @@ def generate_demo_dataset(
         if existing is None and any(root.iterdir()):
             raise DatasetLayoutError(
                 f"{root} exists and holds files but no {INFO_FILE}, so it is not a demo set made by "
-                f"this package. Point the synthetic dataset at an empty or new directory."
+                f"this package. Point the {dataset} dataset at an empty or new directory."
             )
-        logger.info("Demo set in %s was made with %s; regenerating with %s", root, existing, spec)
+        logger.info("%s in %s was made with %s; regenerating with %s", what, root, existing, spec)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        logger.info("Generating the demo dataset into %s", root)
-        write_demo_dataset(tmp, spec)
+        logger.info("Generating %s into %s", what, root)
+        write(tmp, spec)
         _replace_dir(tmp, root, spec)
     finally:
         if tmp.exists():

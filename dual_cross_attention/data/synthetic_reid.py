@@ -71,22 +71,18 @@ import colorsys
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .errors import DatasetLayoutError
 from .synthetic import (
     INFO_FILE,
     MARK_SIZE,
-    _read_info,
-    _replace_dir,
     darker,
     draw_mark,
+    generate_once,
     random_colour,
     to_pixels,
 )
@@ -455,28 +451,9 @@ def generate_reid_demo(
     Returns:
         The root path of the generated set (Market-1501 layout).
     """
-    spec = spec or ReIDDemoSpec()
-    root = Path(root)
-    if root.exists():
-        existing = _read_info(root)
-        if existing == asdict(spec):
-            return root
-        if existing is None and any(root.iterdir()):
-            raise DatasetLayoutError(
-                f"{root} exists and holds files but no {INFO_FILE}, so it is not a demo set made by "
-                f"this package. Point the synthetic-reid dataset at an empty or new directory."
-            )
-        logger.info("Re-ID demo set in %s was made with %s; regenerating with %s", root, existing, spec)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        logger.info("Generating the Re-ID demo set into %s", root)
-        write_reid_demo(tmp, spec)
-        _replace_dir(tmp, root, spec)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return root
+    return generate_once(
+        root, spec or ReIDDemoSpec(), write_reid_demo, "synthetic-reid", "the Re-ID demo set"
+    )
 
 
 def _expected_random_ap(n: int, m: int) -> float:
