@@ -108,9 +108,22 @@ def _metrics_rows(run_dir: Path) -> int:
         return 0
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT back to its default action. A job that a non-interactive
+    shell started in the background inherits SIGINT ignored (POSIX), and Python then never raises
+    KeyboardInterrupt; a terminal's Ctrl-C reaches a process whose SIGINT is not ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_wait(command: list[str], run_dir: Path, rows: int, timeout: float = 240) -> subprocess.Popen:
     """Start ``command`` and return once metrics.csv has ``rows`` rows (an epoch has finished)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
+    )
     deadline = time.monotonic() + timeout
     while _metrics_rows(run_dir) < rows:
         if process.poll() is not None or time.monotonic() > deadline:
