@@ -38,6 +38,17 @@ class BottomCrop:
         return image[: image.shape[0] - self.pixels]
 
 
+def warn_skipped(description: str, bad: Sequence[tuple[Path, str]], total: int) -> None:
+    """One warning for the corrupt images a dataset dropped (``skip_corrupt``), the first
+    ``MAX_LISTED`` named with their reason."""
+    listed = "\n  ".join(f"{path}: {reason}" for path, reason in bad[:MAX_LISTED])
+    more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    logger.warning(
+        "%s: skipped %d corrupt image(s) of %d (skip_corrupt=True):\n  %s%s", description, len(bad), total,
+        listed, more,
+    )  # fmt: skip
+
+
 class ImageDataset(Dataset):
     """Images with integer labels: ``samples``, ``targets``, ``classes`` as in torchvision.
 
@@ -125,16 +136,7 @@ class ImageDataset(Dataset):
         self.samples = [self.samples[i] for i in keep]
         self.targets = [self.targets[i] for i in keep]
         self.skipped = bad
-        listed = "\n  ".join(f"{path}: {reason}" for path, reason in bad[:MAX_LISTED])
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        logger.warning(
-            "%s: skipped %d corrupt image(s) of %d (skip_corrupt=True):\n  %s%s",
-            self.description,
-            len(bad),
-            len(bad) + len(keep),
-            listed,
-            more,
-        )
+        warn_skipped(self.description, bad, len(bad) + len(keep))
 
     def __repr__(self) -> str:
         return f"ImageDataset({self.description}: {len(self)} images, {len(self.classes)} classes)"

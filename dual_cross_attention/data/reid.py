@@ -31,7 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
-from .base import MAX_LISTED, Transform, require_exists
+from .base import Transform, require_exists, warn_skipped
 from .image_io import find_corrupt, load_rgb
 from .reid_layouts import (
     DUKE_TREE,
@@ -233,16 +233,7 @@ class ReIDDataset(Dataset):
         total = len(self)
         self._set_records([r for r in self.records if r.path not in bad_paths])
         self.skipped = bad
-        listed = "\n  ".join(f"{path}: {reason}" for path, reason in bad[:MAX_LISTED])
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        logger.warning(
-            "%s: skipped %d corrupt image(s) of %d (skip_corrupt=True):\n  %s%s",
-            self.description,
-            len(bad),
-            total,
-            listed,
-            more,
-        )
+        warn_skipped(self.description, bad, total)
 
     def __repr__(self) -> str:
         return f"ReIDDataset({self.description}: {len(self)} images, {len(set(self.pids.tolist()))} ids)"
