@@ -59,6 +59,17 @@ def _save(figure: Figure, out_png: str | Path) -> Path:
     return path
 
 
+def check_patch_grid(image: np.ndarray, rollout: np.ndarray, selected: np.ndarray) -> None:
+    """Refuse a rollout that is not a patch grid of ``image`` or selected patch indices outside it."""
+    if rollout.ndim != 2:
+        raise ValueError(f"rollout must be a (rows, columns) patch grid, got shape {rollout.shape}")
+    (h, w), (gh, gw) = image.shape[:2], rollout.shape
+    if h % gh or w % gw:
+        raise ValueError(f"a {h}x{w} image does not split into a {gh}x{gw} patch grid")
+    if selected.size and not 0 <= int(selected.min()) <= int(selected.max()) < gh * gw:
+        raise ValueError(f"selected patch indices must be in [0, {gh * gw}), got {selected.tolist()}")
+
+
 @dataclass
 class AttentionExample:
     """One evaluated image and what the model did with it.
@@ -80,15 +91,7 @@ class AttentionExample:
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
             raise ValueError(f"image must be (H, W, 3) uint8, got {self.image.shape} {self.image.dtype}")
-        if self.rollout.ndim != 2:
-            raise ValueError(f"rollout must be a (rows, columns) patch grid, got shape {self.rollout.shape}")
-        (h, w), (gh, gw) = self.image.shape[:2], self.rollout.shape
-        if h % gh or w % gw:
-            raise ValueError(f"a {h}x{w} image does not split into a {gh}x{gw} patch grid")
-        if self.selected.size and not 0 <= int(self.selected.min()) <= int(self.selected.max()) < gh * gw:
-            raise ValueError(
-                f"selected patch indices must be in [0, {gh * gw}), got {self.selected.tolist()}"
-            )
+        check_patch_grid(self.image, self.rollout, self.selected)
 
     @property
     def correct(self) -> bool:

@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .visualize import CORRECT, DPI, WRONG, _new_figure, _rollout_overlay, _save
+from .visualize import CORRECT, DPI, WRONG, _new_figure, _rollout_overlay, _save, check_patch_grid
 
 TOP_K = 10  # gallery matches drawn per query
 QUERY_PANELS = 2  # the query image, and the query under its rollout and GLCA patches
@@ -93,15 +93,7 @@ class ReIDExample:
             if self.selected.size:
                 raise ValueError("selected patches need the rollout's patch grid")
             return
-        if self.rollout.ndim != 2:
-            raise ValueError(f"rollout must be a (rows, columns) patch grid, got shape {self.rollout.shape}")
-        (h, w), (gh, gw) = self.image.shape[:2], self.rollout.shape
-        if h % gh or w % gw:
-            raise ValueError(f"a {h}x{w} image does not split into a {gh}x{gw} patch grid")
-        if self.selected.size and not 0 <= int(self.selected.min()) <= int(self.selected.max()) < gh * gw:
-            raise ValueError(
-                f"selected patch indices must be in [0, {gh * gw}), got {self.selected.tolist()}"
-            )
+        check_patch_grid(self.image, self.rollout, self.selected)
 
 
 def _row_px() -> int:
