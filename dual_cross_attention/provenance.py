@@ -111,26 +111,35 @@ def selection_rule(eval_split: str, select_on_test: bool) -> str:
     return "test" if select_on_test else "last"
 
 
-SELECTION_TEXT = {
-    "val": "the epoch with the best validation top-1 (Re-ID: mAP) (data.val_fraction carves the validation "
-    "split; Re-ID: whole identities held out of train)",
-    "last": "the last epoch: the run has no validation split (set data.val_fraction > 0 to select on one)",
-    "test": "the epoch with the best TEST top-1 (Re-ID: mAP) (train.select_on_test: true): picked on test",
+# What "top-1" means for each task's ``train.select_metric``, and what ``auto`` selects on.
+SELECT_METRIC_TEXT = {
+    "fgvc": {"auto": "top-1", "top1": "top-1", "mAP": "mAP", "auc": "pair verification AUC"},
+    "reid": {"auto": "mAP", "top1": "CMC rank-1", "mAP": "mAP", "auc": "pair verification AUC"},
 }
-SELECT_TEXT = {"top1": "top-1 (Re-ID: CMC rank-1)", "mAP": "mAP", "auc": "pair verification AUC"}
-REID_LAST_TEXT = (
-    "the last epoch: no validation identities (set data.val_fraction > 0 to hold some out of train and "
-    "select on their mAP; train.select_on_test: true picks the best test mAP instead)"
-)
+VALIDATION_SPLIT_TEXT = {
+    "fgvc": "data.val_fraction carves the validation split",
+    "reid": "data.val_fraction holds whole identities out of train",
+}
+LAST_TEXT = {
+    "fgvc": "the last epoch: the run has no validation split (set data.val_fraction > 0 to select on one)",
+    "reid": "the last epoch: no validation identities (set data.val_fraction > 0 to hold some out of train "
+    "and select on their mAP; train.select_on_test: true picks the best test mAP instead)",
+}
 
 
 def selection(eval_split: str, select_on_test: bool, select_metric: str, reid: bool) -> dict[str, str]:
     """How best.pt is chosen: ``split`` (the run's evaluation split, val or test), ``rule`` (val,
-    test or last) and ``text``, the sentence the training log states."""
+    test or last) and ``text``, the sentence the training log states, in the task's own metric."""
     rule = selection_rule(eval_split, select_on_test)
-    text = REID_LAST_TEXT if rule == "last" and reid else SELECTION_TEXT[rule]
-    if select_metric != "auto" and rule != "last":
-        text = f"the epoch with the best {rule} {SELECT_TEXT[select_metric]} (train.select_metric)"
+    task = "reid" if reid else "fgvc"
+    metric = SELECT_METRIC_TEXT[task][select_metric]
+    named = " (train.select_metric)" if select_metric != "auto" else ""
+    if rule == "last":
+        text = LAST_TEXT[task]
+    elif rule == "val":
+        text = f"the epoch with the best validation {metric}{named} ({VALIDATION_SPLIT_TEXT[task]})"
+    else:
+        text = f"the epoch with the best TEST {metric}{named} (train.select_on_test: true): picked on test"
     return {"split": eval_split, "rule": rule, "text": text}
 
 

@@ -17,7 +17,7 @@ from reid_helpers import make_msmt
 
 from dual_cross_attention.builders import build_reid_data
 from dual_cross_attention.config import from_dict, load_config
-from dual_cross_attention.provenance import UNKNOWN, code_version, config_sha256, environment
+from dual_cross_attention.provenance import UNKNOWN, code_version, config_sha256, environment, selection
 from dual_cross_attention.trainer import run_provenance
 
 ROOT = Path(__file__).parents[1]
@@ -106,3 +106,14 @@ def test_run_folder_and_evaluate_report_record_provenance(cub_root, tmp_path, ca
     resumed = json.loads((again.run_dir / "provenance.json").read_text())
     assert resumed["resumed_from"] == str(result.run_dir / "checkpoints" / "last.pt")
     assert [r["created"] for r in resumed["earlier"]] == [record["created"]]
+
+
+def test_the_selection_sentence_names_the_metric_of_the_runs_own_task():
+    fgvc_val = selection("val", False, "auto", reid=False)["text"]
+    reid_val = selection("val", False, "auto", reid=True)["text"]
+    assert "top-1" in fgvc_val and "Re-ID" not in fgvc_val and "mAP" not in fgvc_val
+    assert "mAP" in reid_val and "identities" in reid_val and "top-1" not in reid_val
+    assert "TEST top-1" in selection("test", True, "auto", reid=False)["text"]
+    assert "TEST mAP" in selection("test", True, "auto", reid=True)["text"]
+    assert "CMC rank-1 (train.select_metric)" in selection("val", False, "top1", reid=True)["text"]
+    assert selection("test", False, "auc", reid=False)["rule"] == "last"  # no split: the last epoch
