@@ -157,15 +157,13 @@ def attention_with_lse(
 
 
 # Score elements per tile of the row-by-row products (rollout.py, logsumexp_rows), a bound on
-# their scratch memory whatever the batch. CPU: 16 MiB, six maps of N = 785 tokens (448 px).
-# Measured on 2 cores shared with other processes, SA+GLCA inference at 448 px ran at 0.66x /
-# 0.78x the plain ViT (DeiT-Tiny / ViT-Base) with these tiles and 0.60x / 0.58x with 4 MiB ones
-# (more, smaller ops: each waits for both threads); on an idle CPU 4 MiB was 2-3% faster.
-TILE_ELEMENTS = {"cpu": 2**22, "cuda": 2**24}
+# their scratch memory whatever the batch. CPU: 2 MiB, so that a tile is still in cache when exp
+# and the row-vector product read it again (see rollout.TILE_ROWS for the measurement).
+TILE_ELEMENTS = {"cpu": 2**19, "cuda": 2**24}
 
 
 def tile_elements(device: torch.device) -> int:
-    return TILE_ELEMENTS.get(device.type, 2**22)
+    return TILE_ELEMENTS.get(device.type, TILE_ELEMENTS["cpu"])
 
 
 @torch.no_grad()

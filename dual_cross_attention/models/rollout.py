@@ -8,9 +8,9 @@ over tiles of query rows, (r A)_j = sum_i r_i exp(S_ij - lse_i), each tile of bo
 (``fused_lse.TILE_ELEMENTS``), with lse_i the log-sum-exp the fused forward kept. (A second
 fused SDPA call with queries and keys swapped gives the same sums as its log-sum-exp, but the
 kernel needs values of the full head size, so half its work is a product with zeros: tiles do
-half the FLOPs. Measured at 448 px, batch 2-4, SA+GLCA over plain-ViT images/s, DeiT-Tiny /
-ViT-Base: idle CPU, tiles 0.71-0.74x / 0.79-0.81x, swapped call 0.69x / 0.79x; 2 cores loaded
-by other processes, tiles 0.66x / 0.78x, swapped call 0.71x / 0.86x.) Nothing here
+half the FLOPs. Measured at 448 px, batch 4, SA+GLCA over plain-ViT images/s, DeiT-Tiny /
+ViT-Base, idle 2-core CPU: 2-MiB tiles of 256 rows 0.73-0.74x / 0.84-0.85x; whole-map 16-MiB
+tiles 0.69-0.74x / 0.70-0.81x; swapped call 0.69x / 0.79x.) Nothing here
 carries a gradient, and everything is computed in float32 with autocast off: under bf16/fp16
 autocast a matmul of float32 inputs would otherwise run (and return) in the low precision,
 which moves the scores by about 1e-3 and can change which patches GLCA selects.
@@ -25,6 +25,12 @@ import torch
 
 from .blocks import softmax_scale
 from .fused_lse import tile_elements
+
+# Query rows per rollout tile. With 2-MiB tiles (fused_lse.TILE_ELEMENTS) of 256 rows, one block's
+# row_times_attention at 448 px, batch 4, took 9.3 / 42.9 ms (DeiT-Tiny / ViT-Base, median of 15
+# / 9 interleaved calls on an idle 2-core CPU) where whole-map 16-MiB tiles with lse appended to
+# the queries took 11.9 / 64.8 ms; 64 or 16 rows, or 8-MiB tiles, were in between or slower.
+TILE_ROWS = 256
 
 
 def fp32(device: torch.device) -> torch.autocast:
@@ -63,13 +69,14 @@ def row_times_attention(
 ) -> torch.Tensor:
     """row @ mean_h softmax(q_h k_h^T * scale), a tile of query rows at a time (no N x N tensor).
 
-    A tile holds the scores of some query rows i against all keys; exp(S_ij - lse_i) is then that
-    tile of the normalised map, and row_i / nh times it adds the tile's share of the result. With
-    lse the shift rides in the score matmul as one more coordinate (q_i scale, -lse_i) . (k_j, 1),
-    so a tile costs three ops: matmul, exp, row-vector product. With float32 queries the forward
-    kernel's lse is exact to float32 rounding and is used as it is; without lse, or when it came
-    from low-precision q/k (bf16 CPU flash: up to 7e-5 off), each row is shifted by its maximum or
-    by that lse and divided by its own sum in the tile, which makes it exactly normalised.
+    A tile holds the scores of some query rows i against all keys, for some of the B x nh maps;
+    exp(S_ij - lse_i) is then that tile of the normalised map, and row_i / nh times it adds the
+    tile's share of the result. With lse the shift is the score matmul's own additive term
+    (``baddbmm`` with -lse_i broadcast along the row), so a tile costs three ops: matmul, exp,
+    row-vector product. With float32 queries the forward kernel's lse is exact to float32
+    rounding and is used as it is; without lse, or when it came from low-precision q/k (bf16 CPU
+    flash: up to 7e-5 off), each row is shifted by its maximum or by that lse and divided by its
+    own sum in the tile, which makes it exactly normalised.
 
     Args:
         row: (B, N) float32. q, k: (B, nh, N, hd), any layout. lse: (B, nh, N) or None.
@@ -81,27 +88,33 @@ def row_times_attention(
     exact = lse is not None and q.dtype == torch.float32
     with fp32(q.device):
         qs = q.float().reshape(B * nh, N, hd) * softmax_scale(hd)  # (B nh, N, hd)
-        kf = k.float().reshape(B * nh, N, hd)
-        if lse is not None:
-            qs = torch.cat([qs, -lse.float().reshape(B * nh, N, 1)], dim=-1)  # (B nh, N, hd + 1)
-            kf = torch.cat([kf, kf.new_ones(B * nh, N, 1)], dim=-1)
-        kt = kf.transpose(1, 2)  # (B nh, hd [+ 1], N)
+        kt = k.float().reshape(B * nh, N, hd).transpose(1, 2)  # (B nh, hd, N)
+        shift = None if lse is None else lse.float().reshape(B * nh, N, 1).neg()  # (B nh, N, 1)
         weights = (row.float() / nh).repeat_interleave(nh, dim=0).unsqueeze(1)  # (B nh, 1, N)
         out = torch.zeros(B * nh, 1, N, device=q.device, dtype=torch.float32)
-        per_tile = tile_elements(q.device)
-        maps = max(1, min(B * nh, per_tile // (N * N)))  # whole maps per tile when they are small
-        rows = max(1, min(N, per_tile // (maps * N)))
+        rows, maps = tile_shape(q.device, B * nh, N)
         for g in range(0, B * nh, maps):
             m = slice(g, g + maps)
             for i in range(0, N, rows):
                 r = slice(i, i + rows)
-                tile = torch.bmm(qs[m, r], kt[m])  # (maps, rows, N) scores, minus lse when given
-                if lse is None:
+                if shift is None:
+                    tile = torch.bmm(qs[m, r], kt[m])  # (maps, rows, N) scores
                     tile.sub_(tile.amax(dim=-1, keepdim=True))
+                else:
+                    tile = torch.baddbmm(shift[m, r], qs[m, r], kt[m])  # scores minus lse
                 tile.exp_()
                 w = weights[m, :, r] if exact else weights[m, :, r] / tile.sum(dim=-1).unsqueeze(1)
                 torch.baddbmm(out[m], w, tile, out=out[m])  # += (maps, 1, N); counted by FLOP counters
         return out.view(B, nh, N).sum(dim=1)
+
+
+def tile_shape(device: torch.device, num_maps: int, N: int) -> tuple[int, int]:
+    """(query rows, maps) per tile of ``row_times_attention``: up to ``TILE_ROWS`` rows of as
+    many of the ``num_maps`` maps as fit in ``fused_lse.tile_elements`` score elements (fewer rows
+    of one map where even those do not fit)."""
+    budget = tile_elements(device)
+    rows = max(1, min(N, TILE_ROWS, budget // N))
+    return rows, max(1, min(num_maps, budget // (rows * N)))
 
 
 @torch.no_grad()
