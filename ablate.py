@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from dual_cross_attention.ablation import BUILTIN_VARIANTS, ablation_name, known_variants, run_ablation
-from dual_cross_attention.cli import add_overrides, configure_logging, script_parser
+from dual_cross_attention.cli import add_overrides, configure_logging, failure_status, script_parser
 from dual_cross_attention.config import load_config, parse_override
 from dual_cross_attention.distributed import cleanup
 from dual_cross_attention.errors import DcalError, UsageError
@@ -57,12 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         name = ablation_name(base, args.name, args.config)
         report = run_ablation(base, args.variants, args.seeds, name, not args.no_progress, command)
-    except DcalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished epochs are kept; rerun the same command to continue", file=sys.stderr)
-        return 130
+    except (DcalError, KeyboardInterrupt) as err:
+        return failure_status(err, "finished epochs are kept; rerun the same command to continue")
     finally:
         cleanup()
     if report is not None:  # rank 0 reports

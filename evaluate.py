@@ -28,7 +28,7 @@ import argparse
 import os
 import sys
 
-from dual_cross_attention.cli import add_overrides, configure_logging, script_parser
+from dual_cross_attention.cli import add_overrides, configure_logging, failure_status, script_parser
 from dual_cross_attention.distributed import cleanup
 from dual_cross_attention.errors import DcalError
 from dual_cross_attention.evaluation import evaluate_checkpoint, format_report, write_json
@@ -86,12 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             show_progress=not args.no_progress, rerank=args.rerank, save_features=args.save_features,
             pairs=args.pairs, val_pairs=args.val_pairs,
         )  # fmt: skip
-    except DcalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    except (DcalError, KeyboardInterrupt) as err:
+        return failure_status(err, "nothing was written")
     finally:
         cleanup()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all

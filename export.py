@@ -21,7 +21,7 @@ import argparse
 import logging
 import sys
 
-from dual_cross_attention.cli import configure_logging, script_parser
+from dual_cross_attention.cli import configure_logging, failure_status, script_parser
 from dual_cross_attention.errors import DcalError
 from dual_cross_attention.exporting import FORMATS, export_checkpoint
 from dual_cross_attention.models import PREDICT_MODES
@@ -60,12 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         result = export_checkpoint(args.checkpoint, args.format, args.out, args.mode, args.embedding)
-    except DcalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no model was written", file=sys.stderr)
-        return 130
+    except (DcalError, KeyboardInterrupt) as err:
+        return failure_status(err, "no model was written")
     p = result.parity
     top1 = "" if p.top1_agree is None else f", top-1 agrees on {p.top1_agree}/{p.images} images"
     batches = ", ".join(map(str, p.batch_sizes))

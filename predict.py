@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dual_cross_attention.cli import configure_logging, script_parser
+from dual_cross_attention.cli import configure_logging, failure_status, script_parser
 from dual_cross_attention.errors import DcalError
 from dual_cross_attention.inference import TTA_CHOICES
 from dual_cross_attention.models import PREDICT_MODES
@@ -51,12 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         predictions, unreadable = predict_files(
             trained, paths, mode=args.mode, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta
         )
-    except DcalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no predictions were written", file=sys.stderr)
-        return 130
+    except (DcalError, KeyboardInterrupt) as err:
+        return failure_status(err, "no predictions were written")
     print(format_predictions(predictions, skipped + unreadable))
     if args.csv and predictions:
         predictions_frame(predictions).to_csv(args.csv, index=False)

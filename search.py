@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dual_cross_attention.cli import configure_logging, script_parser
+from dual_cross_attention.cli import configure_logging, failure_status, script_parser
 from dual_cross_attention.errors import DcalError, UsageError
 from dual_cross_attention.inference import check_mode
 from dual_cross_attention.models import PREDICT_MODES
@@ -66,12 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         results, unreadable = search_files(
             trained, index, args.gallery, queries, mode, args.top, args.batch_size
         )
-    except DcalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the previous index, if any, is unchanged", file=sys.stderr)
-        return 130
+    except (DcalError, KeyboardInterrupt) as err:
+        return failure_status(err, "the previous index, if any, is unchanged")
     print(report.summary())
     print(format_results(results, skipped + unreadable, report.skipped))
     if not results:

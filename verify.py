@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dual_cross_attention.cli import configure_logging, script_parser
+from dual_cross_attention.cli import configure_logging, failure_status, script_parser
 from dual_cross_attention.errors import DcalError, UsageError
 from dual_cross_attention.inference import check_mode
 from dual_cross_attention.models import PREDICT_MODES
@@ -77,12 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_single(scored[0], threshold, stored_verification(trained)[0]))
         if args.picture:
             print(f"wrote {draw_pair(trained, scored[0], threshold, args.picture)}")
-    except DcalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (DcalError, KeyboardInterrupt) as err:
+        return failure_status(err)
     if args.csv:
         decisions_frame(scored, threshold).to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 
 def script_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -23,3 +24,14 @@ def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
+
+
+def failure_status(err: BaseException, interrupted: str = "") -> int:
+    """The one line a script ends with when its work raised ``err`` (a ``DcalError`` or Ctrl-C),
+    on stderr, and the exit status: 1 for an error, 130 for an interrupt (``interrupted`` says what
+    was kept). Scripts catch only those two, so anything else still shows its traceback."""
+    if isinstance(err, KeyboardInterrupt):
+        print(f"interrupted: {interrupted}" if interrupted else "interrupted", file=sys.stderr)
+        return 130
+    print(f"error: {err}", file=sys.stderr)
+    return 1
